@@ -1,0 +1,409 @@
+"""
+test_clipgen.py: the test suite. CPU only, no network, small models; run with `python -m pytest -q`.
+
+Tests check behaviour that can fail: exact token ids, parity with golden values taken from OpenAI's
+reference implementation, equality of code paths, errors on bad input.
+"""
+import functools
+import hashlib
+import http.server
+import math
+import os
+import threading
+import warnings
+
+import pytest
+import torch
+
+import clip_loader
+
+# ===========================================================================================================
+# Random-weight CLIP checkpoints in OpenAI's exact key format, written from the key list of OpenAI's released
+# files (not from clip_loader's modules) so that a naming mistake in clip_loader fails to load.
+
+TINY_VIT = dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=2)
+TINY_RN = dict(embed_dim=32, image_resolution=64, vision_layers=(1, 2, 1, 1), vision_width=8, vision_patch_size=None,
+               context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
+VIT_B_32 = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
+                context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+
+
+def _transformer_shapes(prefix, width, layers):
+    shapes = {}
+    for i in range(layers):
+        p = f"{prefix}.resblocks.{i}."
+        shapes.update({p + "attn.in_proj_weight": (3 * width, width), p + "attn.in_proj_bias": (3 * width,),
+                       p + "attn.out_proj.weight": (width, width), p + "attn.out_proj.bias": (width,),
+                       p + "ln_1.weight": (width,), p + "ln_1.bias": (width,),
+                       p + "mlp.c_fc.weight": (4 * width, width), p + "mlp.c_fc.bias": (4 * width,),
+                       p + "mlp.c_proj.weight": (width, 4 * width), p + "mlp.c_proj.bias": (width,),
+                       p + "ln_2.weight": (width,), p + "ln_2.bias": (width,)})
+    return shapes
+
+
+def _bn_shapes(prefix, channels):
+    return {f"{prefix}.{n}": (channels,) for n in ("weight", "bias", "running_mean", "running_var")} | \
+        {f"{prefix}.num_batches_tracked": ()}
+
+
+def openai_shapes(a):
+    """Key -> shape of an OpenAI CLIP checkpoint with architecture `a` (a dict like TINY_VIT)."""
+    w, E = a["transformer_width"], a["embed_dim"]
+    shapes = {"positional_embedding": (a["context_length"], w), "text_projection": (w, E), "logit_scale": (),
+              "token_embedding.weight": (a["vocab_size"], w), "ln_final.weight": (w,), "ln_final.bias": (w,)}
+    shapes |= _transformer_shapes("transformer", w, a["transformer_layers"])
+    vw = a["vision_width"]
+    if a["vision_patch_size"]:
+        p, grid = a["vision_patch_size"], a["image_resolution"] // a["vision_patch_size"]
+        shapes |= {"visual.class_embedding": (vw,), "visual.positional_embedding": (grid * grid + 1, vw),
+                   "visual.proj": (vw, E), "visual.conv1.weight": (vw, 3, p, p),
+                   "visual.ln_pre.weight": (vw,), "visual.ln_pre.bias": (vw,),
+                   "visual.ln_post.weight": (vw,), "visual.ln_post.bias": (vw,)}
+        shapes |= _transformer_shapes("visual.transformer", vw, a["vision_layers"])
+    else:
+        shapes |= {"visual.conv1.weight": (vw // 2, 3, 3, 3), "visual.conv2.weight": (vw // 2, vw // 2, 3, 3),
+                   "visual.conv3.weight": (vw, vw // 2, 3, 3)}
+        shapes |= _bn_shapes("visual.bn1", vw // 2) | _bn_shapes("visual.bn2", vw // 2) | _bn_shapes("visual.bn3", vw)
+        inplanes = vw
+        for s, blocks in enumerate(a["vision_layers"]):
+            planes = vw * 2 ** s
+            for b in range(blocks):
+                p = f"visual.layer{s + 1}.{b}."
+                shapes |= {p + "conv1.weight": (planes, inplanes, 1, 1), p + "conv2.weight": (planes, planes, 3, 3),
+                           p + "conv3.weight": (planes * 4, planes, 1, 1)}
+                shapes |= _bn_shapes(p + "bn1", planes) | _bn_shapes(p + "bn2", planes) | \
+                    _bn_shapes(p + "bn3", planes * 4)
+                if b == 0:  # every stage's first block changes stride or width
+                    shapes |= {p + "downsample.0.weight": (planes * 4, inplanes, 1, 1)}
+                    shapes |= _bn_shapes(p + "downsample.1", planes * 4)
+                inplanes = planes * 4
+        grid, C = a["image_resolution"] // 32, vw * 32
+        shapes |= {"visual.attnpool.positional_embedding": (grid * grid + 1, C)}
+        for n in ("k_proj", "q_proj", "v_proj"):
+            shapes |= {f"visual.attnpool.{n}.weight": (C, C), f"visual.attnpool.{n}.bias": (C,)}
+        shapes |= {"visual.attnpool.c_proj.weight": (E, C), "visual.attnpool.c_proj.bias": (E,)}
+    return shapes
+
+
+def random_openai_state_dict(a, seed=0):
+    """Random weights at sensible scales (unit-variance activations), so outputs are O(1) and a 1e-4
+    parity check means something."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in openai_shapes(a).items():
+        r = torch.randn(shape, generator=g) if shape else torch.randn((), generator=g)
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.tensor(0)
+        elif key == "logit_scale":
+            sd[key] = torch.tensor(math.log(100.0))
+        elif key.endswith("running_var"):
+            sd[key] = 1 + 0.2 * torch.rand(shape, generator=g)
+        elif key.endswith("proj") or key == "text_projection":  # used as x @ W, fan-in is dim 0
+            sd[key] = r / shape[0] ** 0.5
+        elif len(shape) >= 2:  # Linear / conv weights, fan-in is the product of the other dims
+            sd[key] = r / math.prod(shape[1:]) ** 0.5
+        elif "ln" in key.split(".")[-2] or key.split(".")[-2].startswith("bn"):  # norm scale/shift
+            sd[key] = (1 + 0.1 * r) if key.endswith("weight") else 0.1 * r
+        else:  # biases, class embedding, running means
+            sd[key] = 0.1 * r
+    return sd
+
+
+@functools.lru_cache()
+def _checkpoint_files(name, tmp_root):
+    """Write one architecture in the three forms a user meets; cached per session (ViT-B/32 is 600 MB)."""
+    a = {"tiny-vit": TINY_VIT, "tiny-rn": TINY_RN, "vit-b-32": VIT_B_32}[name]
+    sd = random_openai_state_dict(a)
+    folder = os.path.join(tmp_root, name)
+    os.makedirs(folder, exist_ok=True)
+    paths = {"state_dict": os.path.join(folder, "sd.pt"), "fp16": os.path.join(folder, "fp16.pt"),
+             "torchscript": os.path.join(folder, "jit.pt")}
+    torch.save(sd, paths["state_dict"])
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, paths["fp16"])
+    save_torchscript_archive({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, a,
+                             paths["torchscript"])
+    return sd, paths
+
+
+def save_torchscript_archive(sd, a, path):
+    """A TorchScript archive whose state_dict() has the given keys plus the three scalar entries
+    (input_resolution, context_length, vocab_size) that OpenAI's archives carry."""
+    class Holder(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    root = Holder()
+    extras = {"input_resolution": torch.tensor(a["image_resolution"]),
+              "context_length": torch.tensor(a["context_length"]), "vocab_size": torch.tensor(a["vocab_size"])}
+    for key, value in (sd | extras).items():
+        *parents, leaf = key.split(".")
+        module = root
+        for p in parents:
+            if not hasattr(module, p):
+                module.add_module(p, Holder())
+            module = getattr(module, p)
+        if value.is_floating_point():
+            module.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+        else:
+            module.register_buffer(leaf, value)
+    with warnings.catch_warnings():  # TorchScript is deprecated, but it is the format OpenAI released
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(root).save(path)
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("clip"))
+
+
+def test_bpe_file_is_openais():
+    assert clip_loader.sha256_of(clip_loader.BPE_PATH) == \
+        "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+
+
+# ===========================================================================================================
+# Tokenizer
+
+# Token ids from OpenAI's reference tokenizer (openai-clip 1.0.1), compared once by hand; the first five
+# come from ../shared/clip/README.md.
+GOLDEN_TOKENS = [
+    ('a dog', [49406, 320, 1929, 49407]),
+    ('a diagram', [49406, 320, 22697, 49407]),
+    ('A photo of a CAT!', [49406, 320, 1125, 539, 320, 2368, 256, 49407]),
+    ("don't &amp; I'm", [49406, 847, 713, 261, 328, 880, 49407]),
+    ('café  naïve\n\tkoala', [49406, 15304, 1097, 35689, 563, 36654, 49407]),
+    ('', [49406, 49407]),
+    ('emoji 🐶🚀 party 🎉', [49406, 16327, 14466, 13542, 1580, 3986, 49407]),
+    ('日本語のテキスト', [49406, 39121, 44353, 34002, 252, 21575, 2429, 228, 47121, 32421, 486, 49407]),
+    ('Привет мир', [49406, 26302, 16370, 29503, 110, 22176, 141, 480, 38018, 16701, 141, 478, 49407]),
+    ('&lt;b&gt;bold&lt;/b&gt;', [49406, 283, 321, 285, 8911, 34308, 321, 285, 49407]),
+    ('&amp;lt;tag&amp;gt;', [49406, 283, 3640, 285, 49407]),
+    ("we'll they've she'd it's you're", [49406, 649, 1342, 889, 1200, 1043, 1896, 585, 568, 592, 982, 49407]),
+    ('3.14159 and 1,000,000', [49406, 274, 269, 272, 275, 272, 276, 280, 537, 272, 267, 271, 271, 271, 267, 271, 271, 271, 49407]),
+    ('2022-03-01T12:00', [49406, 273, 271, 273, 273, 268, 271, 274, 268, 271, 272, 339, 272, 273, 281, 271, 271, 49407]),
+    ('!!!???...;;', [49406, 11194, 40017, 3002, 24492, 49407]),
+    ('   leading and trailing   ', [49406, 3833, 537, 37427, 49407]),
+    ('UPPER lower MiXeD', [49406, 7067, 4909, 6780, 49407]),
+    ('mojibake: Ã©tÃ©', [49406, 617, 3252, 11878, 281, 3459, 39694, 49407]),
+    ('<|startoftext|>inside<|endoftext|>', [49406, 49406, 2912, 49407, 49407]),
+    ('tab\tnew\nline\r\nCRLF', [49406, 14724, 686, 1148, 1075, 22078, 49407]),
+    ('hyphen-ated words_with_underscores', [49406, 1441, 745, 576, 268, 943, 2709, 318, 593, 318, 1473, 7039, 49407]),
+    ('email@example.com https://example.com/path?q=1', [49406, 4462, 287, 6228, 269, 2464, 30901, 12441, 6228, 269, 2464, 270, 5035, 286, 336, 284, 272, 49407]),
+    ('naïve façade coöperate', [49406, 1097, 35689, 563, 778, 10067, 1928, 622, 7255, 703, 671, 49407]),
+    ('aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa', [49406, 23126, 23126, 23126, 23126, 23126, 23126, 3894, 49407]),
+    ('😀😀😀', [49406, 12832, 34503, 49407]),
+    ("O'Neill's", [49406, 334, 262, 19324, 568, 49407]),
+    ('Straße', [49406, 1894, 127, 253, 324, 49407]),
+    ('١٢٣ arabic digits', [49406, 149, 350, 149, 351, 149, 352, 16709, 31710, 49407]),
+    ('x² + y³ = z⁴', [49406, 343, 41175, 266, 344, 126, 367, 284, 345, 1667, 368, 49407]),
+    ('the the the', [49406, 518, 518, 518, 49407]),
+    ('&#39;quoted&#39; &quot;text&quot;', [49406, 262, 27706, 262, 257, 4160, 257, 49407]),
+    ('Ｆｕｌｌｗｉｄｔｈ', [49406, 9407, 23571, 49407]),
+]
+
+
+@pytest.mark.parametrize("text,ids", GOLDEN_TOKENS)
+def test_token_ids_match_openai(text, ids):
+    tokens = clip_loader.tokenize(text)
+    assert tokens.shape == (1, 77) and tokens.dtype == torch.long
+    assert tokens[0, :len(ids)].tolist() == ids
+    assert not tokens[0, len(ids):].any()  # zero padding after the end token
+
+
+def test_truncation_keeps_end_token_and_long_text_raises():
+    tokens = clip_loader.tokenize(["hello " * 100, "a dog"], truncate=True)
+    assert tokens.shape == (2, 77)
+    assert tokens[0, -3:].tolist() == [3306, 3306, 49407]
+    assert tokens[1, :4].tolist() == [49406, 320, 1929, 49407]
+    with pytest.raises(ValueError, match="truncate=True"):
+        clip_loader.tokenize("hello " * 100)
+    # A shorter context: 3 ids fit exactly, 4 do not.
+    assert clip_loader.tokenize("dog", context_length=3).tolist() == [[49406, 1929, 49407]]
+    assert clip_loader.tokenize("a dog", context_length=3, truncate=True).tolist() == [[49406, 320, 49407]]
+
+
+def test_decode_inverts_encode_after_cleaning():
+    tok = clip_loader.default_tokenizer()
+    assert tok.decode(tok.encode("A photo of a CAT! 🐶 café")) == "a photo of a cat ! 🐶 café "
+    assert len(tok.encoder) == 49408 and tok.sot_id == 49406 and tok.eot_id == 49407
+
+
+# ===========================================================================================================
+# CLIP model and loading
+
+# Golden values from OpenAI's reference model (openai-clip 1.0.1, float32) on random_openai_state_dict(seed=0):
+# the first 4 entries of encode_image(torch.randn(1, 3, R, R, generator=seed 0)) and encode_text("a dog").
+GOLDEN_EMBEDDINGS = {
+    "tiny-vit": ([0.8908210396766663, -0.2643693685531616, -1.2735131978988647, 0.9954888820648193],
+                 [0.7059265971183777, -0.5870116353034973, -0.19009754061698914, 2.3070061206817627]),
+    "tiny-rn": ([0.30625247955322266, 0.03925237059593201, -0.0680590271949768, 0.2658166289329529],
+                [0.786425769329071, -0.7192410230636597, 1.1931371688842773, 2.1319777965545654]),
+}
+ARCHS = {"tiny-vit": TINY_VIT, "tiny-rn": TINY_RN, "vit-b-32": VIT_B_32}
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_embeddings_match_openai_reference(name, ckpt_root):
+    _, paths = _checkpoint_files(name, ckpt_root)
+    model, _ = clip_loader.load(paths["state_dict"])
+    R = ARCHS[name]["image_resolution"]
+    image = torch.randn(1, 3, R, R, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        img, txt = model.encode_image(image)[0, :4], model.encode_text(clip_loader.tokenize("a dog"))[0, :4]
+    golden_img, golden_txt = GOLDEN_EMBEDDINGS[name]
+    assert torch.allclose(img, torch.tensor(golden_img), atol=1e-4)
+    assert torch.allclose(txt, torch.tensor(golden_txt), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn", "vit-b-32"])
+def test_checkpoint_forms_load_and_agree(name, ckpt_root):
+    sd, paths = _checkpoint_files(name, ckpt_root)
+    a = ARCHS[name]
+    assert clip_loader.infer_architecture(sd) == clip_loader.CLIPArchitecture(**a)
+    R, E = a["image_resolution"], a["embed_dim"]
+    images = torch.randn(2, 3, R, R, generator=torch.Generator().manual_seed(1))
+    tokens = clip_loader.tokenize(["a dog", "a diagram", "a cat"])
+    out = {}
+    for form, path in paths.items():
+        model, preprocess = clip_loader.load(path)
+        assert model.dtype == torch.float32 and not model.training
+        assert model.arch == clip_loader.CLIPArchitecture(**a)
+        with torch.no_grad():
+            out[form] = (model.encode_image(images), model.encode_text(tokens), *model(images, tokens))
+    img, txt, per_image, per_text = out["state_dict"]
+    assert img.shape == (2, E) and txt.shape == (3, E) and per_image.shape == (2, 3)
+    assert torch.equal(per_text, per_image.t())
+    # logits are exp(logit_scale) = 100 times the cosine similarity of the l2-normalised embeddings
+    cos = torch.nn.functional.normalize(img, dim=-1) @ torch.nn.functional.normalize(txt, dim=-1).t()
+    assert torch.allclose(per_image, 100 * cos, atol=1e-4)
+    # The TorchScript archive and the plain fp16 file hold the same fp16 weights: identical outputs.
+    for a_, b_ in zip(out["fp16"], out["torchscript"]):
+        assert torch.equal(a_, b_)
+    # fp16 rounding of the weights moves the float32 embeddings only a little.
+    rel = (out["fp16"][0] - img).norm() / img.norm()
+    assert rel < 1e-2, rel
+
+
+def test_load_in_another_dtype(ckpt_root):
+    _, paths = _checkpoint_files("tiny-vit", ckpt_root)
+    model, _ = clip_loader.load(paths["fp16"], dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert model.encode_text(clip_loader.tokenize("a dog")).dtype == torch.bfloat16
+
+
+def test_preprocess_paths_agree_and_tensor_path_is_differentiable():
+    from PIL import Image
+    # A smooth, non-square image so resize and crop both matter; uint8 rounding is the only difference.
+    H, W = 48, 80
+    y, x = torch.meshgrid(torch.linspace(0, 1, H), torch.linspace(0, 1, W), indexing="ij")
+    rgb = torch.stack([x, y, (x + y) / 2])  # (3, H, W) in [0, 1]
+    pil = Image.fromarray((rgb.permute(1, 2, 0) * 255).round().byte().numpy())
+    from_pil = clip_loader.image_transform(32)(pil)
+    images = (rgb.unsqueeze(0) * 2 - 1).requires_grad_(True)  # (1, 3, H, W) in [-1, 1]
+    from_tensor = clip_loader.preprocess_tensor(images, 32)
+    assert from_pil.shape == (3, 32, 32) and from_tensor.shape == (1, 3, 32, 32)
+    # 2 uint8 levels / CLIP's std, plus the difference between PIL's and torch's antialiased bicubic kernels.
+    assert (from_tensor[0] - from_pil).abs().max() < 0.06
+    from_tensor.sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+    # A grayscale image gets three channels.
+    assert clip_loader.image_transform(32)(pil.convert("L")).shape == (3, 32, 32)
+
+
+# ----- downloads, against a server on 127.0.0.1 -----
+
+@pytest.fixture()
+def clip_server(tmp_path, ckpt_root, monkeypatch):
+    """Serve a TorchScript CLIP at <BASE_URL><sha256>/ViT-B-32.pt, as OpenAI's server does; count requests."""
+    _, paths = _checkpoint_files("tiny-vit", ckpt_root)
+    sha = clip_loader.sha256_of(paths["torchscript"])
+    served = tmp_path / "served"
+    for digest in (sha, "0" * 64):  # the second lives under a wrong checksum
+        (served / digest).mkdir(parents=True)
+        (served / digest / "ViT-B-32.pt").write_bytes(open(paths["torchscript"], "rb").read())
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(clip_loader, "BASE_URL", f"http://127.0.0.1:{server.server_port}/")
+    monkeypatch.setitem(clip_loader.MODELS, "ViT-B/32", f"{sha}/ViT-B-32.pt")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CLIPGEN_CACHE", str(cache))
+    yield requests, cache, sha
+    server.shutdown()
+
+
+def test_download_verifies_caches_and_refetches(clip_server):
+    requests, cache, sha = clip_server
+    model, _ = clip_loader.load("ViT-B/32")
+    assert len(requests) == 1 and clip_loader.sha256_of(cache / "ViT-B-32.pt") == sha
+    assert model.arch.image_resolution == 32
+    clip_loader.load("ViT-B/32")  # cached: no request
+    assert len(requests) == 1
+    (cache / "ViT-B-32.pt").write_bytes(b"corrupted")
+    with pytest.warns(UserWarning, match="SHA-256"):
+        clip_loader.load("ViT-B/32")
+    assert len(requests) == 2 and clip_loader.sha256_of(cache / "ViT-B-32.pt") == sha
+    assert os.listdir(cache) == ["ViT-B-32.pt"]  # no temp files left behind
+
+
+def test_download_root_argument_wins_over_environment(clip_server, tmp_path):
+    requests, cache, _ = clip_server
+    clip_loader.load("ViT-B/32", download_root=str(tmp_path / "elsewhere"))
+    assert os.listdir(tmp_path / "elsewhere") == ["ViT-B-32.pt"] and not cache.exists()
+
+
+def test_wrong_checksum_raises_and_leaves_nothing(clip_server, monkeypatch):
+    requests, cache, _ = clip_server
+    monkeypatch.setitem(clip_loader.MODELS, "ViT-B/32", "0" * 64 + "/ViT-B-32.pt")
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        clip_loader.load("ViT-B/32")
+    assert len(requests) == 1 and os.listdir(cache) == []
+
+
+def test_offline_download_says_how_to_pass_a_file(tmp_path, monkeypatch):
+    import socket
+    with socket.socket() as s:  # a port on which nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(clip_loader, "BASE_URL", f"http://127.0.0.1:{port}/")
+    with pytest.raises(RuntimeError, match="pass its path"):
+        clip_loader.load("RN50", download_root=str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+# ----- bad input -----
+
+def test_bad_checkpoints_give_clear_errors(tmp_path, ckpt_root):
+    with pytest.raises(ValueError, match="available|ViT-B/32"):
+        clip_loader.load("ViT-Z/99")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        clip_loader.read_state_dict(str(tmp_path / "nope.pt"))
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable CLIP checkpoint"):
+        clip_loader.load(str(tmp_path / "notes.txt"))
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        clip_loader.load(str(tmp_path / "list.pt"))
+    sd, _ = _checkpoint_files("tiny-vit", ckpt_root)
+    broken = {k: v for k, v in sd.items() if not k.startswith("visual.transformer.resblocks.1.mlp")}
+    broken["visual.transformer.resblocks.1.mlp.c_fc.weight"] = sd["visual.transformer.resblocks.1.mlp.c_fc.weight"]
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match=r"missing keys \['visual.transformer.resblocks.1.mlp.c_fc.bias'"):
+        clip_loader.load(str(tmp_path / "broken.pt"))
+    torch.save({k: v for k, v in sd.items() if k != "text_projection"}, tmp_path / "noproj.pt")
+    with pytest.raises(ValueError, match="text_projection"):
+        clip_loader.load(str(tmp_path / "noproj.pt"))
