@@ -599,8 +599,9 @@ def test_train_vqgan_end_to_end(tmp_path):
     write_image_folder(tmp_path / "imgs")
     out = tmp_path / "run"
     r = run_script("train.py", "--data", str(tmp_path / "imgs"), "--out", str(out), "--preset", "tiny",
-                   "--steps", "6", "--disc-start", "3", "--batch-size", "4", "--log-every", "3",
-                   "--save-every", "3", "--perceptual", "none", "--workers", "1", "--lr", "1e-3")
+                   "--stage", "vqgan", "--vqgan-steps", "6", "--disc-start", "3", "--batch-size", "4",
+                   "--log-every", "3", "--save-every", "3", "--perceptual", "none", "--workers", "1",
+                   "--vqgan-lr", "1e-3")
     assert r.returncode == 0, r.stderr
     assert "skipping 1 unreadable image file(s)" in r.stderr and "corrupt.jpg" in r.stderr
     assert "14 images" in r.stdout and "step      6/6" in r.stdout and "psnr" in r.stdout
@@ -624,3 +625,177 @@ def test_train_bad_data_folders(tmp_path):
     assert r.returncode != 0 and "no images" in r.stderr and "Traceback" not in r.stderr
     r = run_script("train.py", "--data", str(tmp_path), "--image-size", "30", "--preset", "tiny")
     assert r.returncode != 0 and "multiple of 4" in r.stderr
+
+
+# ===========================================================================================================
+# Stage 2: the prior
+
+import prior  # noqa: E402
+
+TINY_PRIOR = prior.PriorConfig(vocab_size=128, n_tokens=64, n_layer=2, n_head=2, n_embd=64, clip_dim=32)
+
+
+def tiny_prior(**overrides):
+    torch.manual_seed(0)
+    return prior.Prior(prior.PriorConfig(**{**TINY_PRIOR.__dict__, **overrides}))
+
+
+@pytest.mark.parametrize("adaln", [False, True])
+def test_prior_is_causal(adaln):
+    model = tiny_prior(adaln=adaln).eval()
+    emb = torch.randn(2, 32)
+    tokens = torch.randint(128, (2, 63))
+    logits, _ = model(emb, tokens)
+    assert logits.shape == (2, 64, 128)
+    for t in (0, 17, 62):
+        changed = tokens.clone()
+        changed[:, t] = (changed[:, t] + 1) % 128
+        logits2, _ = model(emb, changed)
+        # logits[:, i] predicts token i from tokens < i: positions up to t can not see token t
+        assert torch.equal(logits[:, :t + 1], logits2[:, :t + 1])
+        assert not torch.allclose(logits[:, t + 1:], logits2[:, t + 1:])
+
+
+@pytest.mark.parametrize("adaln,guidance", [(False, 1.0), (True, 1.0), (False, 3.0)])
+def test_kv_cache_sampling_equals_full_recompute(adaln, guidance):
+    model = tiny_prior(adaln=adaln).eval()
+    emb = torch.randn(3, 32)
+    kwargs = dict(temperature=1.0, top_k=50, top_p=0.95, guidance=guidance)
+    cached = model.sample(emb, generator=torch.Generator().manual_seed(1), **kwargs)
+    full = model.sample(emb, generator=torch.Generator().manual_seed(1), use_cache=False, **kwargs)
+    assert cached.shape == (3, 64) and torch.equal(cached, full)
+    other_seed = model.sample(emb, generator=torch.Generator().manual_seed(2), **kwargs)
+    assert not torch.equal(cached, other_seed)
+
+
+def test_top_k_1_is_greedy_and_guidance_1_is_conditional():
+    model = tiny_prior().eval()
+    emb = torch.randn(2, 32)
+    greedy = model.sample(emb, temperature=0)
+    assert torch.equal(model.sample(emb, top_k=1, generator=torch.Generator().manual_seed(5)), greedy)
+    # Greedy decoding by hand with the guidance formula at s = 1: uncond + 1 * (cond - uncond) = cond.
+    tokens = torch.zeros(2, 0, dtype=torch.long)
+    drop = torch.tensor([False, False, True, True])
+    for _ in range(64):
+        logits, _ = model(torch.cat([emb, emb]), torch.cat([tokens, tokens]), drop)
+        c, u = logits[:, -1].chunk(2)
+        tokens = torch.cat([tokens, (u + 1.0 * (c - u)).argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(tokens, greedy)
+    assert not torch.equal(model.sample(emb, temperature=0, guidance=5.0), greedy)  # guidance does something
+
+
+def test_sample_from_logits_filters():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(prior.sample_from_logits(logits, top_k=2, generator=g).tolist()) == {2, 3}
+    # top_p=0.6: p = softmax = (.032, .087, .237, .644): the top token alone already reaches 0.6
+    assert set(prior.sample_from_logits(logits, top_p=0.6, generator=g).tolist()) == {3}
+    assert set(prior.sample_from_logits(logits, top_p=0.7, generator=g).tolist()) == {2, 3}
+
+
+def test_pseudo_text_noise_has_the_stated_norm():
+    e = torch.randn(5, 32)
+    assert torch.allclose(prior.pseudo_text_embedding(e, 0.0), torch.nn.functional.normalize(e, dim=-1))
+    noisy = prior.pseudo_text_embedding(e, 0.5, generator=torch.Generator().manual_seed(3))
+    n = torch.randn(5, 32, generator=torch.Generator().manual_seed(3))
+    unit = torch.nn.functional.normalize(e, dim=-1)
+    perturbed = unit + 0.5 * torch.nn.functional.normalize(n, dim=-1)  # the noise added has norm exactly alpha
+    assert torch.allclose((perturbed - unit).norm(dim=-1), torch.full((5,), 0.5))
+    assert torch.allclose(noisy, torch.nn.functional.normalize(perturbed, dim=-1), atol=1e-6)
+    assert torch.allclose(noisy.norm(dim=-1), torch.ones(5))
+
+
+@pytest.fixture(scope="module")
+def frozen_pair(ckpt_root):
+    """A tiny VQGAN and the tiny random CLIP, frozen as train.py freezes them."""
+    torch.manual_seed(0)
+    vq = vqgan.VQGAN(TINY).eval().requires_grad_(False)
+    _, paths = _checkpoint_files("tiny-vit", ckpt_root)
+    clip_model, _ = clip_loader.load(paths["state_dict"])
+    return vq, clip_model.requires_grad_(False)
+
+
+def test_embedding_loss_trains_the_prior_only(frozen_pair):
+    vq, clip_model = frozen_pair
+    model = tiny_prior(vocab_size=TINY.codebook_size)
+    emb, tokens = torch.randn(2, 32), torch.randint(128, (2, 64))
+    logits, _ = model(emb, tokens[:, :-1])
+    loss = prior.embedding_reconstruction_loss(logits, emb, vq, clip_model)
+    loss.backward()
+    assert model.head.weight.grad.abs().sum() > 0 and model.cond_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in list(vq.parameters()) + list(clip_model.parameters()))
+    assert not vq.training and not clip_model.training
+    # A few steps on this loss alone lower it (fixed Gumbel noise via the seed, so the comparison is fair).
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def embed_loss():
+        torch.manual_seed(123)
+        return prior.embedding_reconstruction_loss(model(emb, tokens[:, :-1])[0], emb, vq, clip_model)
+    first = embed_loss().item()
+    for _ in range(15):
+        opt.zero_grad()
+        embed_loss().backward()
+        opt.step()
+    assert embed_loss().item() < first - 0.02, (first, embed_loss().item())
+
+
+def test_tiny_prior_overfits_cached_tokens():
+    torch.manual_seed(0)
+    tokens, emb = torch.randint(128, (4, 64)), torch.randn(4, 32)  # 4 "images"
+    model = tiny_prior(n_embd=128)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        logits, _ = model(emb, tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    accuracy = (model.eval().sample(emb, temperature=0) == tokens).float().mean(dim=1)
+    assert (accuracy >= 0.9).all(), accuracy
+
+
+def test_cache_key_tracks_vqgan_clip_and_size(tmp_path, ckpt_root):
+    write_image_folder(tmp_path / "imgs", n=3)
+    paths = train.find_images(str(tmp_path / "imgs"))
+    vq_path = tmp_path / "vqgan.pt"
+    torch.save({"kind": "vqgan", "w": torch.zeros(3)}, vq_path)
+    _, clip_paths = _checkpoint_files("tiny-vit", ckpt_root)
+    key = train.cache_key(paths, str(vq_path), clip_paths["state_dict"], 32)
+    assert train.cache_key(paths, str(vq_path), clip_paths["state_dict"], 32) == key
+    assert train.cache_key(paths, str(vq_path), clip_paths["fp16"], 32) != key
+    assert train.cache_key(paths, str(vq_path), clip_paths["state_dict"], 48) != key
+    assert train.cache_key(paths[:-1], str(vq_path), clip_paths["state_dict"], 32) != key
+    torch.save({"kind": "vqgan", "w": torch.ones(3)}, vq_path)
+    assert train.cache_key(paths, str(vq_path), clip_paths["state_dict"], 32) != key
+
+
+def test_train_all_stages_end_to_end(tmp_path, ckpt_root):
+    write_image_folder(tmp_path / "imgs")
+    _, clip_paths = _checkpoint_files("tiny-vit", ckpt_root)
+    out = tmp_path / "run"
+    common = ["train.py", "--data", str(tmp_path / "imgs"), "--out", str(out), "--preset", "tiny",
+              "--batch-size", "4", "--log-every", "2", "--save-every", "4", "--perceptual", "none",
+              "--workers", "0", "--clip", clip_paths["state_dict"]]
+    r = run_script(*common, "--stage", "prior")
+    assert r.returncode != 0 and "no VQGAN checkpoint" in r.stderr and "--stage vqgan" in r.stderr
+    r = run_script(*common, "--stage", "all", "--vqgan-steps", "2", "--prior-steps", "4", "--warmup", "2",
+                   "--embed-loss-every", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("skipping 1 unreadable") == 1 and "encoding 14 images" in r.stdout
+    ce = [float(line.split("ce ")[1].split()[0]) for line in r.stdout.splitlines() if " ce " in line]
+    embed = [float(line.split("embed ")[1].split()[0]) for line in r.stdout.splitlines() if " embed " in line]
+    assert len(ce) == 2 and all(0 < x < 10 for x in ce) and all(0 < x < 2 for x in embed)  # both logged
+    ckpt = torch.load(out / "prior.pt", weights_only=True)
+    assert ckpt["kind"] == "prior" and ckpt["clip"] == clip_paths["state_dict"] and ckpt["step"] == 4
+    assert ckpt["vqgan_sha256"] == clip_loader.sha256_of(out / "vqgan.pt")
+    model, _ = prior.load_prior(str(out / "prior.pt"))
+    assert model.cfg.clip_dim == 32 and model.cfg.n_tokens == 64 and model.cfg.vocab_size == TINY.codebook_size
+    assert (out / "prior_0000004.png").exists()
+    # Same VQGAN, CLIP and images: the cache is reused. A CLIP of another width is refused on resume.
+    r = run_script(*common, "--stage", "prior", "--prior-steps", "2", "--warmup", "1")
+    assert r.returncode == 0 and "using cached" in r.stdout, r.stderr
+    wide = random_openai_state_dict({**TINY_VIT, "embed_dim": 48})
+    torch.save(wide, tmp_path / "wide_clip.pt")
+    r = run_script(*common[:-1], str(tmp_path / "wide_clip.pt"), "--stage", "prior", "--prior-steps", "6", "--resume")
+    assert r.returncode != 0 and "embedding size 32" in r.stderr and "gives 48" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -10,6 +10,8 @@ function per stage. Under torchrun every process runs all of it on its share of 
 prints and writes files. Single-process training is the same code with a world size of 1.
 """
 import argparse
+import hashlib
+import json
 import math
 import os
 import sys
@@ -21,6 +23,7 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
@@ -28,6 +31,8 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms
 from torchvision.utils import save_image
 
+import clip_loader
+import prior
 import vqgan
 
 # -----------------------------------------------------------------------------------------------------------
@@ -39,30 +44,54 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", required=True, help="folder of images, searched recursively (jpg, png, webp, bmp)")
     p.add_argument("--out", default="out", help="run folder for checkpoints, sample grids and caches")
-    p.add_argument("--stage", default="vqgan", choices=["vqgan"], help="what to train")
+    p.add_argument("--stage", default="all", choices=["vqgan", "prior", "all"],
+                   help="'vqgan' = stage 1, 'prior' = stage 2 (needs OUT/vqgan.pt), 'all' = both in turn")
     p.add_argument("--preset", default="paper", choices=sorted(vqgan.PRESETS),
-                   help="model size: 'paper' is CLIP-GEN's, 'tiny' trains on a CPU in minutes")
+                   help="model sizes of both stages: 'paper' is CLIP-GEN's, 'tiny' trains on a CPU in minutes")
     p.add_argument("--image-size", type=int, default=None, help="training resolution (default: the preset's)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per process per step")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the VQGAN and discriminator")
-    p.add_argument("--steps", type=int, default=100_000, help="optimizer steps")
-    p.add_argument("--disc-start", type=int, default=10_000,
+    p.add_argument("--batch-size", type=int, default=8, help="images per process per step (both stages)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    g = p.add_argument_group("stage 1: VQGAN")
+    g.add_argument("--vqgan-steps", type=int, default=100_000, help="optimizer steps of stage 1")
+    g.add_argument("--vqgan-lr", type=float, default=1e-4, help="Adam learning rate of the VQGAN and discriminator")
+    g.add_argument("--disc-start", type=int, default=10_000,
                    help="step at which the adversarial loss and discriminator training start (taming's "
                         "disc_start): the GAN only helps once reconstructions are roughly right")
-    p.add_argument("--perceptual", default="vgg", choices=["vgg", "none"],
+    g.add_argument("--perceptual", default="vgg", choices=["vgg", "none"],
                    help="perceptual loss network; 'vgg' downloads torchvision's VGG16 weights once")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
-    p.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints and sample grids")
-    p.add_argument("--workers", type=int, default=4, help="data-loading processes per GPU/process")
-    p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda'")
+    g = p.add_argument_group("stage 2: prior")
+    g.add_argument("--clip", default="ViT-B/32", help="CLIP model name or checkpoint path (see clip_loader.py)")
+    g.add_argument("--prior-steps", type=int, default=100_000, help="optimizer steps of stage 2")
+    g.add_argument("--prior-lr", type=float, default=3e-4, help="peak AdamW learning rate of the prior")
+    g.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps, then cosine decay to 10%%")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    g.add_argument("--embed-loss-weight", type=float, default=0.1,
+                   help="lambda of CLIP-GEN's embedding-reconstruction loss (0: off). The paper gives no "
+                        "value we could confirm; 0.1 keeps it below the cross-entropy's scale")
+    g.add_argument("--embed-loss-every", type=int, default=4, help="compute the embedding loss every k steps")
+    g.add_argument("--embed-loss-batch", type=int, default=4, help="...on this many images of the batch")
+    g.add_argument("--gumbel-tau", type=float, default=1.0, help="Gumbel-softmax temperature of that loss")
+    g.add_argument("--gumbel-hard", action="store_true", help="straight-through one-hot Gumbel samples")
+    g.add_argument("--pseudo-text-alpha", type=float, default=0.0,
+                   help="noise level of pseudo-text embeddings (CLIP-VQDiffusion/LAFITE); 0: off, as CLIP-GEN")
+    g.add_argument("--cond-drop", type=float, default=0.1,
+                   help="probability of training with the null condition, for classifier-free guidance")
+    g.add_argument("--adaln", action="store_true", help="adaptive-LayerNorm conditioning in every block")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints and sample grids")
+    g.add_argument("--workers", type=int, default=4, help="data-loading processes per GPU/process")
+    g.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda'")
     args = p.parse_args(argv)
     if args.image_size is None:
         args.image_size = vqgan.PRESETS[args.preset].image_size
     downsample = vqgan.PRESETS[args.preset].downsample
     if args.image_size % downsample:
         p.error(f"--image-size must be a multiple of {downsample} for preset {args.preset!r}")
-    for name in ("batch_size", "steps", "log_every", "save_every"):
+    for name in ("batch_size", "vqgan_steps", "prior_steps", "log_every", "save_every", "embed_loss_every",
+                 "embed_loss_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -235,7 +264,7 @@ def discriminator_step(disc, opt_d, images, recon, autocast):
     return d_loss.detach()
 
 
-def train_vqgan(args, rank, world, device):
+def train_vqgan(args, paths, rank, world, device):
     master = rank == 0
     torch.manual_seed(args.seed + rank)  # different crops and flips on every rank
     cfg = vqgan.PRESETS[args.preset]
@@ -243,7 +272,6 @@ def train_vqgan(args, rank, world, device):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # Data
-    paths = readable_images(find_images(args.data))
     dataset = ImageFolder(paths, args.image_size, train=True)
     sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True) if world > 1 else None
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
@@ -257,8 +285,19 @@ def train_vqgan(args, rank, world, device):
     model = vqgan.VQGAN(cfg).to(device)
     disc = vqgan.PatchDiscriminator(cfg).to(device)
     perceptual = vqgan.PerceptualLoss().to(device) if args.perceptual == "vgg" else None
-    opt_g = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    opt_g = torch.optim.Adam(model.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9))
+    start = 0
+    ckpt_path = os.path.join(args.out, "vqgan.pt")
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = vqgan.load_checkpoint(ckpt_path, "vqgan")
+        model.load_state_dict(ckpt["model"])
+        disc.load_state_dict(ckpt["discriminator"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        start = ckpt["step"]
+        if master:
+            print(f"resuming stage 1 from {ckpt_path} at step {start}")
     raw_model = model
     if world > 1:
         model, disc = DDP(model, device_ids=[device.index] if device.type == "cuda" else None), DDP(disc)
@@ -274,7 +313,7 @@ def train_vqgan(args, rank, world, device):
         save_checkpoint({"kind": "vqgan", "config": asdict(cfg), "model": raw_model.state_dict(),
                          "discriminator": (disc.module if world > 1 else disc).state_dict(),
                          "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "args": vars(args)},
-                        os.path.join(args.out, "vqgan.pt"))
+                        ckpt_path)
         with torch.no_grad():
             recon = raw_model(preview.to(device))[0].float().clamp(-1, 1).cpu()
         # Top row: inputs; bottom row: reconstructions.
@@ -283,7 +322,7 @@ def train_vqgan(args, rank, world, device):
 
     # Training loop
     t0, last_log = time.time(), time.time()
-    for step in range(1, args.steps + 1):
+    for step in range(start + 1, args.vqgan_steps + 1):
         images = next(batches).to(device, non_blocking=True)
         gan_on = step > args.disc_start
         recon, logs = generator_step(model, raw_model, disc, perceptual, opt_g, images, gan_on, autocast,
@@ -291,29 +330,212 @@ def train_vqgan(args, rank, world, device):
         logs["disc"] = discriminator_step(disc, opt_d, images, recon, autocast) if gan_on else \
             torch.zeros((), device=device)
 
-        if step % args.log_every == 0 or step == args.steps:
+        if step % args.log_every == 0 or step == args.vqgan_steps:
             logs = mean_over_ranks(logs, device)
             if master:
                 now = time.time()
                 speed = args.log_every * args.batch_size * world / (now - last_log)
-                eta = (now - t0) / step * (args.steps - step)
-                print(f"step {step:>6}/{args.steps} | loss {logs['loss']:.4f} rec {logs['rec']:.4f} "
+                eta = (now - t0) / (step - start) * (args.vqgan_steps - step)
+                print(f"step {step:>6}/{args.vqgan_steps} | loss {logs['loss']:.4f} rec {logs['rec']:.4f} "
                       f"codebook {logs['codebook']:.4f} gan {logs['gan']:+.3f} (w {logs['gan_weight']:.3f}) "
                       f"disc {logs['disc']:.3f} | psnr {logs['psnr']:.2f} dB | codes used "
                       f"{raw_model.quantizer.usage(args.log_every):.1%} ppl {logs['ppl']:.1f} | "
                       f"{speed:.1f} img/s | eta {format_eta(eta)}", flush=True)
             last_log = time.time()
-        if master and (step % args.save_every == 0 or step == args.steps):
+        if master and (step % args.save_every == 0 or step == args.vqgan_steps):
             checkpoint(step)
     if master:
-        print(f"done: {os.path.join(args.out, 'vqgan.pt')}")
+        print(f"stage 1 done: {ckpt_path}")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Stage 2: the prior (prior.py), trained on a cache of every image's VQGAN tokens and CLIP embedding.
+
+
+def file_sha256(path):
+    return clip_loader.sha256_of(path)
+
+
+def cache_key(paths, vqgan_path, clip_name, image_size):
+    """A digest of everything the cached tokens and embeddings depend on: the VQGAN weights, the CLIP, the
+    image size and the image files (path, size, mtime). Any change gives a new key and a new cache."""
+    clip_id = clip_name if clip_name in clip_loader.MODELS else file_sha256(clip_name)
+    files = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths]
+    blob = json.dumps([file_sha256(vqgan_path), clip_id, image_size, files])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@torch.no_grad()
+def build_cache(paths, vq, clip_model, image_size, batch_size, device):
+    """Encode every image (center crop, and its mirror image) once: VQGAN token ids (2N, n_tokens) and
+    CLIP image embeddings (2N, clip_dim). Row 2i is image i, row 2i + 1 its horizontal flip."""
+    dataset = ImageFolder(paths, image_size, train=False)
+    tokens, embeddings = [], []
+    for i in range(0, len(dataset), batch_size):
+        x = torch.stack([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]).to(device)
+        x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)  # (b, 3, S, S) -> (2b, 3, S, S), interleaved
+        tokens.append(vq.encode(x).flatten(1).to(torch.int32).cpu())  # (2b, h*w)
+        clip_in = clip_loader.preprocess_tensor(x, clip_model.arch.image_resolution)
+        embeddings.append(clip_model.encode_image(clip_in).float().cpu())  # (2b, clip_dim)
+    return torch.cat(tokens), torch.cat(embeddings)
+
+
+def load_frozen_models(args, device):
+    """The trained VQGAN and the CLIP, frozen (no gradients, eval mode): stage 2 only reads them."""
+    vqgan_path = os.path.join(args.out, "vqgan.pt")
+    if not os.path.exists(vqgan_path):
+        sys.exit(f"error: no VQGAN checkpoint at {vqgan_path}. Train stage 1 first "
+                 f"(python train.py --data {args.data} --out {args.out} --stage vqgan) or use --stage all")
+    try:
+        vq, _ = vqgan.load_vqgan(vqgan_path, device)
+        clip_model, _ = clip_loader.load(args.clip, device=device)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    return vqgan_path, vq.requires_grad_(False), clip_model.requires_grad_(False)
+
+
+def lr_at(step, args):
+    """Linear warm-up to --prior-lr, then cosine decay to a tenth of it at the last step."""
+    if step < args.warmup:
+        return args.prior_lr * (step + 1) / args.warmup
+    progress = (step - args.warmup) / max(1, args.prior_steps - args.warmup)
+    return args.prior_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def prior_step(model, raw_model, opt, tokens, embeddings, with_embed_loss, vq, clip_model, args, autocast):
+    """One prior update. tokens (B, n_tokens) long, embeddings (B, clip_dim). Returns scalars to log."""
+    B = tokens.shape[0]
+    drop = torch.rand(B, device=tokens.device) < args.cond_drop  # null condition for these rows (CFG)
+    condition = prior.pseudo_text_embedding(embeddings, args.pseudo_text_alpha)
+    with autocast:
+        logits, _ = model(condition, tokens[:, :-1], drop)  # (B, n_tokens, vocab)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+        embed_loss = torch.zeros((), device=tokens.device)
+        if with_embed_loss:
+            k = min(args.embed_loss_batch, B)
+            # Reconstruct the true image embedding (not the noisy one): that is what the image is.
+            embed_loss = prior.embedding_reconstruction_loss(logits[:k], embeddings[:k], vq, clip_model,
+                                                             args.gumbel_tau, args.gumbel_hard)
+    loss = ce + args.embed_loss_weight * embed_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+    opt.step()
+    return {"loss": loss.detach(), "ce": ce.detach(), "embed": embed_loss.detach()}
+
+
+def train_prior(args, paths, rank, world, device):
+    master = rank == 0
+    torch.manual_seed(args.seed + rank)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    vqgan_path, vq, clip_model = load_frozen_models(args, device)
+
+    # The cache: built once by rank 0, read by every rank.
+    key = cache_key(paths, vqgan_path, args.clip, args.image_size)
+    cache_path = os.path.join(args.out, f"prior_cache_{key[:16]}.pt")
+    if master and not os.path.exists(cache_path):
+        print(f"encoding {len(paths)} images (and their mirror images) with the VQGAN and CLIP -> {cache_path}")
+        tokens, embeddings = build_cache(paths, vq, clip_model, args.image_size, args.batch_size, device)
+        save_checkpoint({"key": key, "tokens": tokens, "embeddings": embeddings, "paths": paths}, cache_path)
+    elif master:
+        print(f"using cached tokens and embeddings {cache_path}")
+    if dist.is_initialized():
+        dist.barrier()
+    cache = torch.load(cache_path, map_location="cpu", weights_only=True)
+    tokens, embeddings = cache["tokens"].long(), cache["embeddings"]
+
+    # Hold out a few images (both flips) for the sample grids: they show generalisation, not memory.
+    n_holdout = min(4, len(paths) // 5)
+    preview_ids = range(len(paths) - n_holdout, len(paths)) if n_holdout else range(min(4, len(paths)))
+    preview = torch.stack([ImageFolder(paths, args.image_size, train=False)[i] for i in preview_ids])
+    preview_emb = embeddings[[2 * i for i in preview_ids]]
+    n_train = 2 * (len(paths) - n_holdout)
+    tokens, embeddings = tokens[:n_train], embeddings[:n_train]
+
+    cfg = prior.PRESETS[args.preset]
+    cfg = prior.PriorConfig(**{**asdict(cfg), "vocab_size": vq.cfg.codebook_size, "n_tokens": tokens.shape[1],
+                               "clip_dim": embeddings.shape[1], "adaln": args.adaln})
+    model = prior.Prior(cfg).to(device)
+    # Weight decay on matrices only; biases, norms and embeddings-as-vectors are left alone (as in nanoGPT).
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.prior_lr, betas=(0.9, 0.95))
+    start = 0
+    ckpt_path = os.path.join(args.out, "prior.pt")
+    if args.resume and os.path.exists(ckpt_path):
+        ckpt = vqgan.load_checkpoint(ckpt_path, "prior")
+        if ckpt["config"]["clip_dim"] != cfg.clip_dim:
+            sys.exit(f"error: {ckpt_path} was trained with a CLIP of embedding size {ckpt['config']['clip_dim']} "
+                     f"({ckpt['clip']}), but --clip {args.clip} gives {cfg.clip_dim}; pass --clip {ckpt['clip']}")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start = ckpt["step"]
+        if master:
+            print(f"resuming stage 2 from {ckpt_path} at step {start}")
+    raw_model = model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if master:
+        print(f"prior {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M params "
+              f"({cfg.n_layer} layers, width {cfg.n_embd}, {'prefix + adaLN' if cfg.adaln else 'prefix'} conditioning) | "
+              f"{n_train} training sequences of {cfg.n_tokens} tokens, {n_holdout} images held out | "
+              f"CLIP {args.clip} ({cfg.clip_dim}-d) | global batch {args.batch_size * world} "
+              f"= {args.batch_size * world * cfg.n_tokens} tokens/step | lr {args.prior_lr} | device {device} x{world}")
+
+    def checkpoint(step):
+        save_checkpoint({"kind": "prior", "config": asdict(cfg), "model": raw_model.state_dict(),
+                         "optimizer": opt.state_dict(), "step": step, "clip": args.clip,
+                         "vqgan": os.path.abspath(vqgan_path), "vqgan_sha256": file_sha256(vqgan_path),
+                         "args": vars(args)}, ckpt_path)
+        raw_model.eval()
+        samples = raw_model.sample(preview_emb.to(device), temperature=1.0, top_k=100,
+                                   generator=torch.Generator(device).manual_seed(args.seed))
+        side = math.isqrt(cfg.n_tokens)
+        with torch.no_grad(), autocast:
+            images = vq.decode(samples.view(-1, side, side)).float().clamp(-1, 1).cpu()
+        raw_model.train()
+        # Top row: held-out images; bottom row: the prior's samples from their CLIP embeddings.
+        save_image(torch.cat([preview, images]) * 0.5 + 0.5, os.path.join(args.out, f"prior_{step:07d}.png"),
+                   nrow=len(preview))
+
+    # Training loop over random batches of the cache (each rank draws its own rows; per-rank seeds differ).
+    t0 = last_log = time.time()
+    embed_loss = torch.zeros((), device=device)
+    for step in range(start + 1, args.prior_steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step - 1, args)
+        rows = torch.randint(n_train, (args.batch_size,))
+        with_embed = args.embed_loss_weight > 0 and step % args.embed_loss_every == 0
+        logs = prior_step(model, raw_model, opt, tokens[rows].to(device), embeddings[rows].to(device),
+                          with_embed, vq, clip_model, args, autocast)
+        if with_embed:
+            embed_loss = logs["embed"]
+        if step % args.log_every == 0 or step == args.prior_steps:
+            logs = mean_over_ranks({"ce": logs["ce"], "embed": embed_loss}, device)
+            if master:
+                now = time.time()
+                speed = args.log_every * args.batch_size * world * cfg.n_tokens / (now - last_log)
+                eta = (now - t0) / (step - start) * (args.prior_steps - step)
+                print(f"step {step:>6}/{args.prior_steps} | ce {logs['ce']:.4f} embed {logs['embed']:.4f} | "
+                      f"lr {lr_at(step - 1, args):.2e} | {speed:,.0f} tokens/s | eta {format_eta(eta)}", flush=True)
+            last_log = time.time()
+        if master and (step % args.save_every == 0 or step == args.prior_steps):
+            checkpoint(step)
+    if master:
+        print(f"stage 2 done: {ckpt_path}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
     try:
-        train_vqgan(args, rank, world, device)
+        paths = readable_images(find_images(args.data))
+        if args.stage in ("vqgan", "all"):
+            train_vqgan(args, paths, rank, world, device)
+        if args.stage in ("prior", "all"):
+            train_prior(args, paths, rank, world, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -15,6 +15,7 @@ re-initialised from recent encoder outputs.
     python train.py --data imgs/ --stage vqgan            # trains this model
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -346,3 +347,28 @@ def psnr(reconstruction, images):
     """Peak signal-to-noise ratio in dB of images in [-1, 1] (so the peak-to-peak range is 2)."""
     mse = F.mse_loss(reconstruction.float().clamp(-1, 1), images.float())
     return 10 * torch.log10(4 / mse)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Checkpoints (written by train.py; shared with prior.py).
+
+def load_checkpoint(path, kind):
+    """torch.load with weights_only=True (a checkpoint can never run code), and clear errors for a missing,
+    unreadable or wrong kind of file. `kind` is "vqgan" or "prior"."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {kind} checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, a pickle with code in it...
+        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
+        raise ValueError(f"{path} is not a {kind} checkpoint written by train.py")
+    return ckpt
+
+
+def load_vqgan(path, device="cpu"):
+    """A VQGAN rebuilt from its self-describing checkpoint, in eval mode, and the checkpoint dict."""
+    ckpt = load_checkpoint(path, "vqgan")
+    model = VQGAN(VQGANConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt

@@ -1,0 +1,240 @@
+"""
+prior.py: stage 2 of CLIP-GEN, a GPT that writes an image's VQGAN tokens given the image's CLIP embedding
+(CLIP-GEN section 3.2). Trained on images alone; at inference the CLIP *text* embedding of a prompt takes the
+image embedding's place, which works because CLIP maps both into one space.
+
+The training loss is CLIP-GEN's eq. (3): token cross-entropy plus lambda times the embedding-reconstruction
+loss, which decodes the prior's own (Gumbel-softmax) predictions with the frozen VQGAN, embeds the result
+with the frozen CLIP and asks it to match the input embedding. Two options come from the sibling paper
+CLIP-VQDiffusion (arXiv 2403.14944): pseudo-text embeddings (noise on the image embedding, after LAFITE,
+arXiv 2111.13792) and adaptive-layer-norm conditioning in every block.
+
+    python train.py --data imgs/ --stage prior          # trains this model on top of out/vqgan.pt
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import clip_loader
+import vqgan
+
+
+@dataclass
+class PriorConfig:
+    vocab_size: int = 16384  # = the VQGAN's codebook size
+    n_tokens: int = 256  # image tokens per image: a 16x16 grid, written in raster order
+    n_layer: int = 24
+    n_head: int = 16
+    n_embd: int = 1024
+    clip_dim: int = 512  # CLIP embedding size (ViT-B/32: 512, ViT-L/14: 768)
+    n_prefix: int = 1  # CLIP-GEN turns the embedding into this many prefix tokens
+    adaln: bool = False  # also modulate every block's LayerNorms with the embedding (CLIP-VQDiffusion)
+    dropout: float = 0.0
+
+
+PRESETS = {
+    "paper": PriorConfig(),
+    "tiny": PriorConfig(n_layer=2, n_head=2, n_embd=64),
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, past=None):
+        """x: (B, T, C) new positions; past: (k, v) of earlier positions, each (B, nh, T_past, hs), or None.
+        Returns the output and the (k, v) of all positions so far, for the next call."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3x (B, nh, T, hs)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nh, T_past + T, hs)
+        # With a cache we only ever feed one new position, which may attend to everything before it, so the
+        # causal mask is needed only when several positions arrive together with no past.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=past is None and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block. With adaln, each LayerNorm's scale and shift are predicted from the
+    condition (as in DiT / CLIP-VQDiffusion), zero-initialised so training starts from plain LayerNorm."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.adaln)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.adaln)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(approximate="tanh"),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
+        self.ada = nn.Linear(cfg.n_embd, 4 * cfg.n_embd) if cfg.adaln else None
+
+    def forward(self, x, cond, past=None):  # x (B, T, C), cond (B, C)
+        h1 = self.ln_1(x)
+        if self.ada is not None:
+            shift1, scale1, shift2, scale2 = self.ada(cond).unsqueeze(1).chunk(4, dim=-1)  # 4x (B, 1, C)
+            h1 = h1 * (1 + scale1) + shift1
+        a, present = self.attn(h1, past)
+        x = x + a
+        h2 = self.ln_2(x)
+        if self.ada is not None:
+            h2 = h2 * (1 + scale2) + shift2
+        return x + self.mlp(h2), present
+
+
+class Prior(nn.Module):
+    """p(image tokens | CLIP embedding). The sequence is [n_prefix condition tokens, image tokens]; the
+    logits at the last prefix position predict the first image token, and so on."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.n_embd
+        self.cond_proj = nn.Linear(cfg.clip_dim, cfg.n_prefix * C)
+        # The "no condition" input for classifier-free guidance: a learned stand-in for the embedding.
+        self.null_embedding = nn.Parameter(torch.randn(cfg.clip_dim) / cfg.clip_dim ** 0.5)
+        self.tok_emb = nn.Embedding(cfg.vocab_size, C)
+        self.pos_emb = nn.Parameter(torch.zeros(cfg.n_prefix + cfg.n_tokens, C))
+        self.cond_vec = nn.Linear(cfg.clip_dim, C) if cfg.adaln else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(C)
+        self.head = nn.Linear(C, cfg.vocab_size, bias=False)
+        # GPT-2's initialisation: N(0, 0.02) everywhere, residual projections scaled down by the depth, and
+        # the adaLN modulations at zero so every block starts as a plain pre-LN block.
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif name.endswith(("attn.proj.weight", "mlp.2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layer))
+            elif ".ada." in name:
+                nn.init.zeros_(p)
+            elif p.dim() >= 2 or name == "pos_emb":
+                nn.init.normal_(p, std=0.02)
+
+    def condition(self, embeddings, drop=None):
+        """(B, clip_dim) CLIP embeddings -> the unit-norm condition; rows where `drop` is True get the
+        learned null embedding instead (classifier-free guidance)."""
+        e = F.normalize(embeddings.float(), dim=-1)
+        if drop is None:
+            drop = torch.zeros(e.shape[0], dtype=torch.bool, device=e.device)
+        # torch.where keeps the null embedding in the graph even when no row is dropped (DDP needs that).
+        null = self.null_embedding.float().expand_as(e)
+        return torch.where(drop.unsqueeze(1), null, e).to(self.cond_proj.weight.dtype)
+
+    def forward(self, embeddings, tokens, drop=None, past=None):
+        """embeddings: (B, clip_dim) CLIP embeddings; tokens: (B, T) image tokens; drop: (B,) bool, rows
+        that get the null condition. The condition is computed here, inside forward, so that under DDP every
+        parameter (the null embedding too) is part of the graph DDP watches.
+
+        Without `past`: returns logits (B, T + 1, vocab) for image positions 0..T (all n_tokens of them when
+        fed tokens[:, :-1] in training), and the KV cache. With `past` (a list of per-layer (k, v) covering
+        the prefix and earlier tokens): `tokens` are the next positions only, logits are for the position
+        after each of them."""
+        B, T = tokens.shape
+        P = self.cfg.n_prefix
+        cond = self.condition(embeddings, drop)  # (B, clip_dim), unit norm
+        c = self.cond_vec(cond) if self.cond_vec is not None else None  # (B, C) for adaLN
+        if past is None:
+            prefix = self.cond_proj(cond).view(B, P, -1)  # (B, clip_dim) -> (B, P, C)
+            x = torch.cat([prefix, self.tok_emb(tokens)], dim=1) + self.pos_emb[:P + T]  # (B, P + T, C)
+            first = P - 1  # logits from the last prefix position on
+        else:
+            start = past[0][0].shape[2]  # positions already in the cache
+            x = self.tok_emb(tokens) + self.pos_emb[start:start + T]  # (B, T, C)
+            first = 0
+        x = self.drop(x)
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, present = block(x, c, None if past is None else past[i])
+            presents.append(present)
+        return self.head(self.ln_f(x[:, first:])), presents  # (B, T + 1 or T, vocab)
+
+    @torch.no_grad()
+    def sample(self, embeddings, temperature=1.0, top_k=None, top_p=None, guidance=1.0, generator=None,
+               use_cache=True):
+        """(B, clip_dim) CLIP embeddings -> (B, n_tokens) sampled image tokens.
+
+        guidance != 1 runs the conditional and the null-conditioned sequences as one batch of 2B and mixes
+        their logits: uncond + guidance * (cond - uncond) (Ho & Salimans 2022). use_cache=False recomputes
+        the whole sequence at every step (slow; kept as the reference the cache is tested against).
+        Repeat rows of `embeddings` (repeat_interleave) to draw many samples per condition in one batch."""
+        B, device = embeddings.shape[0], embeddings.device
+        drop = torch.zeros(B, dtype=torch.bool, device=device)
+        if guidance != 1.0:  # second half: the same rows with the null condition
+            embeddings, drop = torch.cat([embeddings, embeddings]), torch.cat([drop, ~drop])
+        tokens = torch.zeros(embeddings.shape[0], 0, dtype=torch.long, device=device)
+        past = None
+        for _ in range(self.cfg.n_tokens):
+            if use_cache:
+                logits, past = self(embeddings, tokens[:, -1:] if past is not None else tokens, drop, past)
+            else:
+                logits, _ = self(embeddings, tokens, drop)
+            logits = logits[:, -1].float()  # (B or 2B, vocab): the next position
+            if guidance != 1.0:
+                c, u = logits.chunk(2)
+                logits = u + guidance * (c - u)
+            nxt = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (B,)
+            nxt = torch.cat([nxt, nxt]) if guidance != 1.0 else nxt  # both halves continue with the same token
+            tokens = torch.cat([tokens, nxt.unsqueeze(1)], dim=1)
+        return tokens[:B]
+
+
+def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, V) logits -> (B,) token ids. temperature 0 is greedy; top_k keeps the k likeliest tokens;
+    top_p keeps the smallest set whose probability reaches p (nucleus sampling, Holtzman et al. 2019)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def pseudo_text_embedding(embeddings, alpha, generator=None):
+    """LAFITE's pseudo-text feature (used by CLIP-VQDiffusion): e' = normalize(e + alpha * n / |n|) with
+    n ~ N(0, I), applied to the unit-norm image embedding e. CLIP's text embeddings sit in a different
+    region than its image embeddings (the "modality gap"); training on a noisy neighbourhood of each image
+    embedding makes the prior accept the text embeddings it sees at inference. alpha = 0 is the identity."""
+    e = F.normalize(embeddings.float(), dim=-1)
+    if alpha == 0:
+        return e
+    n = torch.randn(e.shape, generator=generator, device=e.device)
+    return F.normalize(e + alpha * F.normalize(n, dim=-1), dim=-1)
+
+
+def embedding_reconstruction_loss(logits, target_embeddings, vqgan_model, clip_model, tau=1.0, hard=False):
+    """CLIP-GEN eq. (2): 1 - cos(CLIP(decode(tokens)), e), made differentiable.
+
+    logits: (B, n_tokens, K) teacher-forced prior logits. A Gumbel-softmax sample (Jang et al. 2017) of each
+    position is a point on the simplex (one-hot in the forward pass with hard=True, with the soft sample's
+    gradient), which the VQGAN decodes as a mix of code vectors; the image goes through CLIP's
+    differentiable preprocessing and image encoder. Both networks should be frozen (requires_grad False, eval
+    mode): gradients flow through them to the prior only."""
+    probs = F.gumbel_softmax(logits.float(), tau=tau, hard=hard, dim=-1)  # (B, n_tokens, K)
+    images = vqgan_model.decode_soft(probs)  # (B, 3, H, W), roughly in [-1, 1]
+    clip_input = clip_loader.preprocess_tensor(images, clip_model.arch.image_resolution)
+    predicted = clip_model.encode_image(clip_input).float()  # (B, clip_dim)
+    return (1 - F.cosine_similarity(predicted, target_embeddings.float(), dim=-1)).mean()
+
+
+def load_prior(path, device="cpu"):
+    """A Prior rebuilt from its self-describing checkpoint (written by train.py), in eval mode, and the
+    checkpoint dict (which names the CLIP and VQGAN it was trained with)."""
+    ckpt = vqgan.load_checkpoint(path, "prior")
+    model = Prior(PriorConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
