@@ -799,3 +799,110 @@ def test_train_all_stages_end_to_end(tmp_path, ckpt_root):
     r = run_script(*common[:-1], str(tmp_path / "wide_clip.pt"), "--stage", "prior", "--prior-steps", "6", "--resume")
     assert r.returncode != 0 and "embedding size 32" in r.stderr and "gives 48" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ===========================================================================================================
+# Text to image: clipgen.py and sample.py
+
+import clipgen  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, ckpt_root):
+    """A tiny run of both stages (a few steps: the weights are barely trained, the plumbing is real)."""
+    root = tmp_path_factory.mktemp("run")
+    write_image_folder(root / "imgs")
+    _, clip_paths = _checkpoint_files("tiny-vit", ckpt_root)
+    train.main(["--data", str(root / "imgs"), "--out", str(root / "out"), "--preset", "tiny", "--stage", "all",
+                "--vqgan-steps", "3", "--prior-steps", "3", "--warmup", "1", "--batch-size", "4", "--log-every", "3",
+                "--save-every", "3", "--perceptual", "none", "--workers", "0", "--clip", clip_paths["state_dict"]])
+    return root
+
+
+def test_generate_reranks_and_keeps(trained_run):
+    gen = clipgen.CLIPGen.from_checkpoint(str(trained_run / "out"))
+    results = gen.generate(["a red square", "a blue circle"], n=5, keep=3, seed=0, batch_size=4)
+    assert len(results) == 2 and all(len(r) == 3 for r in results)
+    text = gen.embed_text(["a red square", "a blue circle"])
+    for kept, t in zip(results, text):
+        scores = [s for _, s in kept]
+        assert scores == sorted(scores, reverse=True)
+        assert all(im.size == (32, 32) and im.mode == "RGB" for im, _ in kept)
+        # The score is 100 x cosine(CLIP(image), CLIP(prompt)); recomputed here from the saved 8-bit image.
+        im = torch.from_numpy(np.array(kept[0][0])).permute(2, 0, 1).float() / 127.5 - 1
+        assert 100 * (gen.embed_images(im[None]) @ t).item() == pytest.approx(scores[0], abs=0.5)
+    # The kept ones are the best of all n candidates.
+    images = gen.sample_images(text, 5, seed=0, batch_size=4)[0]  # same call as generate made
+    all_scores = (100 * gen.embed_images(images) @ text[0]).sort(descending=True).values[:3]
+    assert torch.allclose(all_scores, torch.tensor([s for _, s in results[0]]), atol=1e-4)
+    again = gen.generate(["a red square"], n=5, keep=3, seed=0, batch_size=4)[0]
+    assert [s for _, s in again] == [s for _, s in results[0]]  # deterministic for a seed
+    with pytest.raises(ValueError, match="keep"):
+        gen.generate(["x"], n=2, keep=3)
+
+
+def test_variations_and_interpolation(trained_run):
+    gen = clipgen.CLIPGen.from_checkpoint(str(trained_run / "out"))
+    image = Image.open(trained_run / "imgs" / "img00.png")
+    assert len(gen.variations(image, n=3, keep=2)) == 2
+    path = gen.interpolation_embeddings("a dog", "a cat", 5)
+    ends = gen.embed_text(["a dog", "a cat"])
+    assert path.shape == (5, 32)
+    assert torch.allclose(path[0], ends[0], atol=1e-5) and torch.allclose(path[-1], ends[1], atol=1e-5)
+    assert torch.allclose(path.norm(dim=-1), torch.ones(5), atol=1e-5)  # slerp stays on the sphere
+    assert len(gen.interpolate("a dog", "a cat", steps=4, n=2)) == 4
+
+
+def test_frechet_distance_and_evaluate(trained_run):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g) + 1.0
+    assert clipgen.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+    # Two unit Gaussians whose means differ by 1 in each of 8 dims: distance close to 8.
+    assert 6 < clipgen.frechet_distance(a, b) < 10
+    gen = clipgen.CLIPGen.from_checkpoint(str(trained_run / "out"))
+    metrics = gen.evaluate(["a red square", "a dog"], str(trained_run / "imgs"), n=2, keep=1)
+    assert metrics["n_generated"] == 2 and metrics["n_real"] == 14
+    assert -100 <= metrics["clip_score"] <= 100 and metrics["frechet_distance"] > 0
+
+
+def test_from_checkpoint_refuses_a_clip_of_another_size(trained_run, tmp_path):
+    torch.save(random_openai_state_dict({**TINY_VIT, "embed_dim": 48}), tmp_path / "wide.pt")
+    with pytest.raises(ValueError, match="48-d embeddings but the prior was trained on 32-d"):
+        clipgen.CLIPGen.from_checkpoint(str(trained_run / "out"), clip=str(tmp_path / "wide.pt"))
+
+
+def test_sample_script_is_deterministic(trained_run, tmp_path):
+    def sample(seed, out):
+        r = run_script("sample.py", "a red square", "--run", str(trained_run / "out"), "--n", "4", "--keep", "2",
+                       "--seed", str(seed), "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        return r
+    r = sample(0, tmp_path / "a")
+    files = sorted(os.listdir(tmp_path / "a"))
+    assert files == ["a_red_square_seed0_0.png", "a_red_square_seed0_1.png", "a_red_square_seed0_grid.png"]
+    assert "CLIP score" in r.stdout and str(tmp_path / "a" / files[0]) in r.stdout
+    sample(0, tmp_path / "b")
+    read = lambda folder, name: (folder / name).read_bytes()
+    assert all(read(tmp_path / "a", f) == read(tmp_path / "b", f) for f in files)
+    sample(1, tmp_path / "c")
+    assert read(tmp_path / "a", files[2]) != read(tmp_path / "c", "a_red_square_seed1_grid.png")
+
+
+def test_sample_script_bad_input(trained_run, tmp_path):
+    run = ["--run", str(trained_run / "out"), "--n", "2", "--keep", "1", "--out", str(tmp_path / "s")]
+    r = run_script("sample.py", "  ", *run)
+    assert r.returncode == 2 and "empty prompt" in r.stderr
+    r = run_script("sample.py", "a dog " * 60, *run)
+    assert r.returncode == 0 and "truncated" in r.stderr, r.stderr
+    r = run_script("sample.py", "--image", str(tmp_path / "missing.jpg"), *run)
+    assert r.returncode == 2 and "no such file" in r.stderr
+    r = run_script("sample.py", "a dog", "--run", str(tmp_path / "nothing"))
+    assert r.returncode == 1 and "no trained run" in r.stderr and "train.py --data" in r.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "vqgan.pt").write_bytes((trained_run / "out" / "vqgan.pt").read_bytes())
+    (broken / "prior.pt").write_bytes((trained_run / "out" / "prior.pt").read_bytes()[:1000])  # truncated
+    r = run_script("sample.py", "a dog", "--run", str(broken))
+    assert r.returncode == 1 and "not a readable checkpoint" in r.stderr
+    for bad in (r,):
+        assert "Traceback" not in bad.stderr

@@ -1,0 +1,127 @@
+"""
+sample.py: text to image from the shell, with a run trained by train.py.
+
+    python sample.py "a dog"                                  # 16 candidates, the best 4 kept, from out/
+    python sample.py "a red car" "a blue car" --n 32 --keep 8 --guidance 2 --seed 1
+    python sample.py --prompts prompts.txt --run runs/imagenet
+    python sample.py --image photo.jpg                        # variations of an image
+    python sample.py "a dog" --eval-real val_imgs/            # CLIP score and CLIP-feature Frechet distance
+
+Writes each kept image and one grid per prompt (a row per prompt) to --out, named after the prompt and seed,
+and prints their paths with their CLIP scores (100 x cosine similarity of image and prompt).
+"""
+import argparse
+import os
+import re
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+from torchvision.utils import save_image
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate images from text with a trained CLIP-GEN run.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("prompts", nargs="*", help="one or more prompts")
+    p.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="a text file with one prompt per line")
+    p.add_argument("--image", help="make variations of this image instead of following a prompt")
+    p.add_argument("--run", default="out", help="run folder with vqgan.pt and prior.pt (train.py's --out)")
+    p.add_argument("--out", default="samples", help="folder for the images")
+    p.add_argument("--n", type=int, default=16, help="candidates sampled per prompt")
+    p.add_argument("--keep", type=int, default=4, help="candidates kept per prompt, by CLIP score")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences sampled at once")
+    p.add_argument("--clip", default=None, help="CLIP name or path (default: the one the prior was trained with)")
+    p.add_argument("--device", default=None, help="'cpu' or 'cuda' (default: CUDA if available)")
+    p.add_argument("--eval-real", metavar="DIR", help="also print CLIP score and Frechet distance to these images")
+    args = p.parse_args(argv)
+    if args.prompts_file:
+        if not os.path.isfile(args.prompts_file):
+            p.error(f"--prompts: no such file {args.prompts_file!r}")
+        with open(args.prompts_file, encoding="utf-8") as f:
+            args.prompts += [line.strip() for line in f if line.strip()]
+    if args.image and not os.path.isfile(args.image):
+        p.error(f"--image: no such file {args.image!r}")
+    if not args.prompts and not args.image:
+        p.error("give a prompt (python sample.py \"a dog\"), --prompts FILE or --image PATH")
+    if any(not prompt.strip() for prompt in args.prompts):
+        p.error("empty prompt: describe the image you want, e.g. \"a photo of a dog\"")
+    if args.eval_real and not args.prompts:
+        p.error("--eval-real needs prompts: the CLIP score compares images with their prompts")
+    if args.eval_real and not os.path.isdir(args.eval_real):
+        p.error(f"--eval-real: {args.eval_real!r} is not a folder")
+    if not 1 <= args.keep <= args.n:
+        p.error(f"--keep must be between 1 and --n ({args.n})")
+    if args.top_k is not None and args.top_k < 1 or args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error("--top-k must be at least 1 and --top-p in (0, 1]")
+    return args
+
+
+def slug(text, limit=40):
+    """A file-name-safe version of a prompt: 'A red car!' -> 'a_red_car'."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "prompt"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from PIL import Image, UnidentifiedImageError
+
+    from clipgen import CLIPGen
+    from train import open_rgb
+
+    if not (os.path.isfile(os.path.join(args.run, "prior.pt")) and os.path.isfile(os.path.join(args.run, "vqgan.pt"))):
+        sys.exit(f"error: no trained run in {args.run!r} (it needs vqgan.pt and prior.pt). Train one with\n"
+                 f"  python train.py --data path/to/images --out {args.run}\nor point --run at one.")
+    try:
+        gen = CLIPGen.from_checkpoint(args.run, clip=args.clip, device=args.device)
+    except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
+        sys.exit(f"error: could not load the run in {args.run!r}: {e}")
+    warnings.simplefilter("always")
+    warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+
+    t0 = time.time()
+
+    def progress(done, total):
+        print(f"\rsampling {done}/{total} sequences ({time.time() - t0:.0f}s)", end="\n" if done == total else "",
+              file=sys.stderr, flush=True)
+
+    sampling = dict(n=args.n, keep=args.keep, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=progress)
+    if args.image:
+        try:
+            image = open_rgb(args.image)
+        except (OSError, UnidentifiedImageError) as e:
+            sys.exit(f"error: could not read --image {args.image!r}: {e}")
+        names, results = [f"variations_{slug(os.path.splitext(os.path.basename(args.image))[0])}"], \
+            [gen.variations(image, **sampling)]
+    else:
+        names, results = [slug(p) for p in args.prompts], gen.generate(args.prompts, **sampling)
+
+    os.makedirs(args.out, exist_ok=True)
+    grid = []
+    for name, label, kept in zip(names, [args.image] if args.image else args.prompts, results):
+        print(f"{label}:")
+        for rank, (image, score) in enumerate(kept):
+            path = os.path.join(args.out, f"{name}_seed{args.seed}_{rank}.png")
+            image.save(path)
+            print(f"  {path}  CLIP score {score:.2f}")
+        grid += [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im, _ in kept]  # (3, H, W) uint8
+    grid_path = os.path.join(args.out, f"{names[0]}{'_etc' if len(names) > 1 else ''}_seed{args.seed}_grid.png")
+    save_image(torch.stack(grid).float() / 255, grid_path, nrow=args.keep)
+    print(f"grid: {grid_path}")
+
+    if args.eval_real:
+        metrics = gen.evaluate(args.prompts, args.eval_real, results=results)
+        print(f"evaluation with {args.clip or 'the training CLIP'} ({metrics['n_generated']} generated, "
+              f"{metrics['n_real']} real images): CLIP score {metrics['clip_score']:.2f}, "
+              f"CLIP-feature Frechet distance {metrics['frechet_distance']:.4f}")
+
+if __name__ == "__main__":
+    main()
