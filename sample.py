@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="samples", help="folder for the images")
     p.add_argument("--n", type=int, default=16, help="candidates sampled per prompt")
     p.add_argument("--keep", type=int, default=4, help="candidates kept per prompt, by CLIP score")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed; the same seed, prompt, --n and --batch-size give the same images")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")

@@ -79,7 +79,7 @@ def parse_args(argv=None):
                    help="probability of training with the null condition, for classifier-free guidance")
     g.add_argument("--adaln", action="store_true", help="adaptive-LayerNorm conditioning in every block")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="random seed (each process adds its rank)")
     g.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints and sample grids")
     g.add_argument("--workers", type=int, default=4, help="data-loading processes per GPU/process")
