@@ -204,15 +204,16 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generato
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
 
 
-def pseudo_text_embedding(embeddings, alpha, generator=None):
+def pseudo_text_embedding(embeddings, alpha, noise=None):
     """LAFITE's pseudo-text feature (used by CLIP-VQDiffusion): e' = normalize(e + alpha * n / |n|) with
-    n ~ N(0, I), applied to the unit-norm image embedding e. CLIP's text embeddings sit in a different
-    region than its image embeddings (the "modality gap"); training on a noisy neighbourhood of each image
-    embedding makes the prior accept the text embeddings it sees at inference. alpha = 0 is the identity."""
+    n ~ N(0, I) (drawn here unless given), applied to the unit-norm image embedding e. CLIP's text
+    embeddings sit in a different region than its image embeddings (the "modality gap"); training on a
+    noisy neighbourhood of each image embedding makes the prior accept the text embeddings it sees at
+    inference. alpha = 0 is the identity (up to normalisation)."""
     e = F.normalize(embeddings.float(), dim=-1)
     if alpha == 0:
         return e
-    n = torch.randn(e.shape, generator=generator, device=e.device)
+    n = torch.randn_like(e) if noise is None else noise.to(e)
     return F.normalize(e + alpha * F.normalize(n, dim=-1), dim=-1)
 
 

@@ -10,10 +10,13 @@ function per stage. Under torchrun every process runs all of it on its share of 
 prints and writes files. Single-process training is the same code with a world size of 1.
 """
 import argparse
+import functools
 import hashlib
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 import warnings
@@ -26,8 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.utils import save_image
 
@@ -50,7 +52,13 @@ def parse_args(argv=None):
                    help="model sizes of both stages: 'paper' is CLIP-GEN's, 'tiny' trains on a CPU in minutes")
     p.add_argument("--image-size", type=int, default=None, help="training resolution (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=8, help="images per process per step (both stages)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step; global batch = batch size x this x processes")
+    p.add_argument("--resume", action="store_true",
+                   help="continue exactly where the run in --out stopped (weights, optimizers, step, data "
+                        "position, random state)")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="step checkpoints kept in OUT/checkpoints")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models (faster on GPU after a warm-up)")
     g = p.add_argument_group("stage 1: VQGAN")
     g.add_argument("--vqgan-steps", type=int, default=100_000, help="optimizer steps of stage 1")
     g.add_argument("--vqgan-lr", type=float, default=1e-4, help="Adam learning rate of the VQGAN and discriminator")
@@ -90,7 +98,7 @@ def parse_args(argv=None):
     downsample = vqgan.PRESETS[args.preset].downsample
     if args.image_size % downsample:
         p.error(f"--image-size must be a multiple of {downsample} for preset {args.preset!r}")
-    for name in ("batch_size", "vqgan_steps", "prior_steps", "log_every", "save_every", "embed_loss_every",
+    for name in ("batch_size", "grad_accum", "keep_checkpoints", "vqgan_steps", "prior_steps", "log_every", "save_every", "embed_loss_every",
                  "embed_loss_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -114,7 +122,7 @@ def find_images(folder):
     return paths
 
 
-def readable_images(paths):
+def readable_images(paths, report=True):
     """Drop files PIL can not parse, naming them in one warning line. This checks headers and (for PNG)
     checksums without decoding pixels, so it is fast; a file that still fails to decode later is replaced
     by another image at load time."""
@@ -126,7 +134,7 @@ def readable_images(paths):
             good.append(path)
         except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError...) for a bad file
             bad.append(path)
-    if bad:
+    if bad and report:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         print(f"warning: skipping {len(bad)} unreadable image file(s): {shown}", file=sys.stderr)
     if not good:
@@ -147,30 +155,79 @@ def open_rgb(path):
             im = Image.alpha_composite(background, im)
         return im.convert("RGB")
 
+def stable_seed(*parts):
+    """A 63-bit seed from integers, the same in every process and Python session (unlike hash())."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
 
 class ImageFolder(Dataset):
-    """Square crops of images as (3, S, S) tensors in [-1, 1]: random crop and flip for training, center
-    crop for evaluation."""
+    """Square crops of images as (3, S, S) tensors in [-1, 1].
 
-    def __init__(self, paths, image_size, train=True):
-        self.paths = paths
-        resize = transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True)
-        crop = [transforms.RandomCrop(image_size), transforms.RandomHorizontalFlip()] if train else \
-            [transforms.CenterCrop(image_size)]
-        to_tensor = [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]  # [0, 1] -> [-1, 1]
-        self.transform = transforms.Compose([resize, *crop, *to_tensor])
+    Indexed with an int: a center crop (evaluation, caches, grids). Indexed with (i, epoch): a random crop
+    and flip drawn from a generator seeded by (seed, epoch, i), so an image's augmentation does not depend
+    on which process or worker loads it. That is what makes 2 processes equal 1, and a resumed run equal
+    an uninterrupted one."""
+
+    def __init__(self, paths, image_size, seed=0):
+        self.paths, self.size, self.seed = paths, image_size, seed
+        self.resize = transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True)
+        self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
 
     def __len__(self):
         return len(self.paths)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        i, epoch = item if isinstance(item, tuple) else (item, None)
         for attempt in range(len(self.paths)):  # a file that passed the header check but will not decode
             path = self.paths[(i + attempt) % len(self.paths)]
             try:
-                return self.transform(open_rgb(path))
+                image = self.resize(open_rgb(path))  # shorter side = size
+                break
             except Exception as e:
                 warnings.warn(f"skipping {path}: {e}")
-        raise RuntimeError("no image could be decoded")
+        else:
+            raise RuntimeError("no image could be decoded")
+        W, H = image.size
+        if epoch is None:
+            left, top, flip = (W - self.size) // 2, (H - self.size) // 2, False
+        else:
+            g = torch.Generator().manual_seed(stable_seed(self.seed, epoch, i))
+            left, top = (int(torch.randint(d - self.size + 1, (), generator=g)) for d in (W, H))
+            flip = bool(torch.randint(2, (), generator=g))
+        x = self.to_tensor(image.crop((left, top, left + self.size, top + self.size)))  # (3, S, S)
+        return x.flip(-1) if flip else x
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_permutation(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed(seed, epoch)))
+
+
+def batch_indices(n, per_rank, rank, world, seed, step):
+    """This process's item indices for optimizer step `step` (0-based), and the epoch.
+
+    Every epoch is a fresh permutation of the n items, seeded by (seed, epoch), cut into global batches of
+    per_rank * world items (the remainder is dropped, so no item is seen twice in an epoch); rank r takes
+    the r-th contiguous chunk of each. So the data of step s is a function of s alone: 2 processes with
+    batch b see exactly what 1 process with batch 2b sees, and resuming at step s needs only s."""
+    per_step = per_rank * world
+    epoch, k = divmod(step, n // per_step)
+    start = k * per_step + rank * per_rank
+    return epoch_permutation(n, seed, epoch)[start:start + per_rank].tolist(), epoch
+
+
+class StepSampler(Sampler):
+    """Feeds a DataLoader the (index, epoch) pairs of batch_indices, from `start_step` on, forever."""
+
+    def __init__(self, n, per_rank, rank, world, seed, start_step):
+        self.args, self.start_step = (n, per_rank, rank, world, seed), start_step
+
+    def __iter__(self):
+        step = self.start_step
+        while True:
+            indices, epoch = batch_indices(*self.args, step)
+            yield from ((i, epoch) for i in indices)
+            step += 1
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -186,6 +243,8 @@ def setup_distributed(device_arg):
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+        # TF32 matmuls/convolutions: ~2x faster fp32 math on Ampere and later, at bf16-like mantissa.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, device
@@ -200,6 +259,29 @@ def mean_over_ranks(values, device):
     return dict(zip(values, t.tolist()))
 
 
+def sync_gradients(model, last_micro_step):
+    """DDP averages gradients over processes in every backward; with gradient accumulation only the last
+    micro-step's backward needs to, so the others run under no_sync (entered before their forward)."""
+    return model.no_sync() if isinstance(model, DDP) and not last_micro_step else nullcontext()
+
+
+def format_eta(seconds):
+    return "?" if not math.isfinite(seconds) else time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+def wrap_model(model, args, device, world):
+    """Optionally compile, then wrap in DDP. The caller keeps the plain module for saving."""
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, the last K kept, everything needed to continue exactly, and graceful stops.
+
+
 def save_checkpoint(obj, path):
     """torch.save to a temp file in the same folder, then an atomic rename: a crash mid-write never
     leaves a truncated checkpoint where a good one was."""
@@ -208,160 +290,291 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
-def format_eta(seconds):
-    return "?" if not math.isfinite(seconds) else time.strftime("%H:%M:%S", time.gmtime(seconds))
+def save_rotating(obj, out, kind, step, keep):
+    """Write OUT/checkpoints/KIND_STEP.pt, point OUT/KIND.pt (what sample.py loads) at it with an atomic
+    hard link, and delete all but the newest `keep` step files."""
+    folder = os.path.join(out, "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{kind}_{step:07d}.pt")
+    save_checkpoint(obj, path)
+    latest, tmp = os.path.join(out, f"{kind}.pt"), os.path.join(out, f".{kind}.pt.link")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:  # file systems without hard links: a second copy
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, latest)
+    for old in sorted(f for f in os.listdir(folder) if f.startswith(kind + "_"))[:-keep]:
+        os.remove(os.path.join(folder, old))
 
 
-def infinite_batches(loader, sampler):
-    """Cycle through the loader forever, telling the sampler the epoch so every epoch is shuffled anew
-    (and, under DDP, every rank sees a different share of the same permutation)."""
-    epoch = 0
-    while True:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+def load_latest(out, kind):
+    """The newest readable checkpoint of `kind` in `out`, or None. A truncated or corrupt newest file (a
+    crash, a full disk) makes it fall back to the previous one, with a warning."""
+    folder = os.path.join(out, "checkpoints")
+    history = sorted((f for f in os.listdir(folder) if f.startswith(kind + "_")), reverse=True) \
+        if os.path.isdir(folder) else []
+    candidates = [os.path.join(out, f"{kind}.pt")] + [os.path.join(folder, f) for f in history]
+    for path in candidates:
+        if not os.path.exists(path):
+            continue
+        try:
+            return vqgan.load_checkpoint(path, kind), path
+        except ValueError as e:
+            print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
+    return None, None
+
+
+def rng_states(device):
+    """Every process's torch (and CUDA) random state, gathered so rank 0 can save them all."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_states(states, rank, device):
+    if len(states) != (dist.get_world_size() if dist.is_initialized() else 1):
+        print("warning: the checkpoint was written with another number of processes; random streams restart",
+              file=sys.stderr)
+        return
+    torch.set_rng_state(states[rank]["torch"])
+    if device.type == "cuda" and "cuda" in states[rank]:
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+
+
+class GracefulStop:
+    """SIGTERM (a scheduler pre-empting the job) or Ctrl-C sets a flag; the loop finishes its step, saves
+    a checkpoint and exits. Under DDP all ranks must agree on the step at which they stop, so the flag is
+    OR-reduced over ranks every `every` steps (a device round trip we do not want on every step)."""
+
+    def __init__(self, every=10):
+        self.signal, self.every = None, every
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signum
+
+    def requested(self, step, device):
+        if not dist.is_initialized():
+            return self.signal is not None
+        if step % self.every:
+            return False
+        flag = torch.tensor(float(self.signal is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signal is None:
+            self.signal = signal.SIGTERM
+        return bool(flag.item())
+
+
+class NonFiniteGuard:
+    """Remembers, on the device and without waiting for it, the first step whose loss was NaN or inf;
+    `check` (called before logging and saving) stops the run naming that step, so no checkpoint is ever
+    written from a diverged model."""
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, loss, step):
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, last_good):
+        first_bad = self.first_bad.clone()
+        if dist.is_initialized():
+            first_bad[first_bad < 0] = 1 << 62
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+            first_bad[first_bad == 1 << 62] = -1
+        if first_bad.item() >= 0:
+            sys.exit(f"error: the loss became NaN/inf at step {first_bad.item()}; stopping without saving. "
+                     f"The last good checkpoint is {last_good or 'none (no checkpoint yet)'}: resume from it "
+                     f"with --resume and a lower learning rate.")
 
 
 # -----------------------------------------------------------------------------------------------------------
 # Stage 1: the VQGAN (vqgan.py).
 
 
-def generator_step(model, raw_model, disc, perceptual, opt_g, images, gan_on, autocast, check_dead_codes=True):
-    """One VQGAN update: L1 (+ perceptual) reconstruction + codebook losses, plus the adaptively weighted
-    adversarial loss once `gan_on`. The discriminator is frozen here, so this step never changes it.
-    Returns the (detached) reconstructions and a dict of scalar tensors to log."""
-    cfg = raw_model.cfg
-    disc.requires_grad_(False)
-    with autocast:
-        recon, ids, codebook_loss = model(images)
-        rec_loss = (recon.float() - images).abs().mean()
-        if perceptual is not None:
-            rec_loss = rec_loss + cfg.perceptual_weight * perceptual(recon.float(), images)
-        gan_loss = -disc(recon).float().mean() if gan_on else torch.zeros((), device=images.device)
-    gan_weight = torch.zeros((), device=images.device)
-    if gan_on:
-        gan_weight = cfg.gan_weight * vqgan.adaptive_gan_weight(rec_loss, gan_loss, raw_model.decoder.conv_out.weight)
-    loss = rec_loss + gan_weight * gan_loss + codebook_loss
+def generator_step(model, raw_model, raw_disc, perceptual, opt_g, micro_batches, gan_on, autocast,
+                   check_dead_codes=True):
+    """One VQGAN update over a list of micro-batches (gradient accumulation): L1 (+ perceptual)
+    reconstruction + codebook losses, plus the adaptively weighted adversarial loss once `gan_on`.
+    The discriminator is called unwrapped and frozen, so this step can never change it.
+    Returns the detached reconstructions and a dict of scalar tensors (means over micro-batches) to log."""
+    cfg, n = raw_model.cfg, len(micro_batches)
+    raw_disc.requires_grad_(False)
     opt_g.zero_grad(set_to_none=True)
-    loss.backward()
+    recons, logs = [], {}
+    for i, images in enumerate(micro_batches):
+        with sync_gradients(model, i == n - 1):
+            with autocast:
+                recon, ids, codebook_loss = model(images)
+                rec_loss = (recon.float() - images).abs().mean()
+                if perceptual is not None:
+                    rec_loss = rec_loss + cfg.perceptual_weight * perceptual(recon.float(), images)
+                gan_loss = -raw_disc(recon).float().mean() if gan_on else torch.zeros((), device=images.device)
+            gan_weight = torch.zeros((), device=images.device)
+            if gan_on:
+                gan_weight = cfg.gan_weight * vqgan.adaptive_gan_weight(rec_loss, gan_loss,
+                                                                         raw_model.decoder.conv_out.weight)
+            loss = rec_loss + gan_weight * gan_loss + codebook_loss
+            (loss / n).backward()
+        recons.append(recon.detach())
+        step_logs = {"loss": loss, "rec": rec_loss, "codebook": codebook_loss, "gan": gan_loss,
+                     "gan_weight": gan_weight, "psnr": vqgan.psnr(recon.detach(), images),
+                     "ppl": vqgan.codebook_perplexity(ids, cfg.codebook_size)}
+        for k, v in step_logs.items():
+            logs[k] = logs.get(k, 0) + v.detach() / n
     opt_g.step()
     raw_model.quantizer.restart_dead_codes(check=check_dead_codes)
-    recon = recon.detach()
-    return recon, {"loss": loss.detach(), "rec": rec_loss.detach(), "codebook": codebook_loss.detach(),
-                   "gan": gan_loss.detach(), "gan_weight": gan_weight, "psnr": vqgan.psnr(recon, images),
-                   "ppl": vqgan.codebook_perplexity(ids, cfg.codebook_size)}
+    return recons, logs
 
 
-def discriminator_step(disc, opt_d, images, recon, autocast):
-    """One PatchGAN update with the hinge loss; `recon` is detached, so no gradient reaches the VQGAN."""
-    disc.requires_grad_(True)
-    with autocast:
-        d_loss = vqgan.hinge_d_loss(disc(images).float(), disc(recon.detach()).float())
+def discriminator_step(disc, raw_disc, opt_d, micro_batches, recons, autocast):
+    """One PatchGAN update with the hinge loss; `recons` are detached, so no gradient reaches the VQGAN."""
+    raw_disc.requires_grad_(True)
     opt_d.zero_grad(set_to_none=True)
-    d_loss.backward()
+    total = 0.0
+    for i, (images, recon) in enumerate(zip(micro_batches, recons)):
+        with sync_gradients(disc, i == len(recons) - 1):
+            with autocast:
+                d_loss = vqgan.hinge_d_loss(disc(images).float(), disc(recon.detach()).float())
+            (d_loss / len(recons)).backward()
+        total = total + d_loss.detach() / len(recons)
     opt_d.step()
-    return d_loss.detach()
+    return total
 
 
 def train_vqgan(args, paths, rank, world, device):
     master = rank == 0
-    torch.manual_seed(args.seed + rank)  # different crops and flips on every rank
+    torch.manual_seed(args.seed + rank)
     cfg = vqgan.PRESETS[args.preset]
     cfg = vqgan.VQGANConfig(**{**asdict(cfg), "image_size": args.image_size})
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-    # Data
-    dataset = ImageFolder(paths, args.image_size, train=True)
-    sampler = DistributedSampler(dataset, shuffle=True, seed=args.seed, drop_last=True) if world > 1 else None
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler,
-                        drop_last=len(dataset) >= args.batch_size * world, num_workers=args.workers,
-                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    batches = infinite_batches(loader, sampler)
-    # A fixed batch of held-out views (center crops of the first images) for the reconstruction grids.
-    preview = torch.stack([ImageFolder(paths, args.image_size, train=False)[i] for i in range(min(8, len(paths)))])
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    # channels_last (NHWC) lets cuDNN use tensor-core convolution kernels without layout transposes.
+    memory_format = torch.channels_last if cuda else torch.contiguous_format
 
     # Models and optimizers (Adam with beta1 = 0.5, as taming: GAN training is unstable with more momentum)
-    model = vqgan.VQGAN(cfg).to(device)
-    disc = vqgan.PatchDiscriminator(cfg).to(device)
-    perceptual = vqgan.PerceptualLoss().to(device) if args.perceptual == "vgg" else None
-    opt_g = torch.optim.Adam(model.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9))
-    start = 0
-    ckpt_path = os.path.join(args.out, "vqgan.pt")
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = vqgan.load_checkpoint(ckpt_path, "vqgan")
+    model = vqgan.VQGAN(cfg).to(device, memory_format=memory_format)
+    raw_disc = vqgan.PatchDiscriminator(cfg).to(device, memory_format=memory_format)
+    perceptual = vqgan.PerceptualLoss().to(device, memory_format=memory_format) if args.perceptual == "vgg" else None
+    opt_g = torch.optim.Adam(model.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9), fused=cuda)
+    opt_d = torch.optim.Adam(raw_disc.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9), fused=cuda)
+    start, ckpt, ckpt_path = 0, None, None
+    if args.resume:
+        ckpt, ckpt_path = load_latest(args.out, "vqgan")
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        disc.load_state_dict(ckpt["discriminator"])
+        raw_disc.load_state_dict(ckpt["discriminator"])
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
         start = ckpt["step"]
         if master:
             print(f"resuming stage 1 from {ckpt_path} at step {start}")
+    if start >= args.vqgan_steps:
+        return
     raw_model = model
-    if world > 1:
-        model, disc = DDP(model, device_ids=[device.index] if device.type == "cuda" else None), DDP(disc)
-    os.makedirs(args.out, exist_ok=True)
+    model, disc = wrap_model(model, args, device, world), wrap_model(raw_disc, args, device, world)
+
+    # Data: this process's share of each step's images, from step `start` on, loaded by worker processes.
+    per_rank = args.batch_size * args.grad_accum
+    if len(paths) < per_rank * world:
+        sys.exit(f"error: {len(paths)} images are fewer than one global batch ({per_rank * world}); "
+                 f"lower --batch-size or --grad-accum")
+    dataset = ImageFolder(paths, args.image_size, seed=args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=cuda,
+                        sampler=StepSampler(len(paths), per_rank, rank, world, args.seed, start),
+                        persistent_workers=args.workers > 0)
+    batches = iter(loader)
+    # A fixed batch of center crops of the first images for the reconstruction grids.
+    preview = torch.stack([dataset[i] for i in range(min(8, len(paths)))])
     if master:
         n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-        print(f"VQGAN {n_params(raw_model):.1f}M params, discriminator {n_params(disc):.2f}M | {len(paths)} images, "
-              f"{args.image_size}px -> {args.image_size // cfg.downsample}x{args.image_size // cfg.downsample} tokens, "
-              f"codebook {cfg.codebook_size} | device {device} x{world} "
-              f"{'bf16 autocast' if device.type == 'cuda' else 'float32'} | global batch {args.batch_size * world}")
+        side = args.image_size // cfg.downsample
+        print(f"VQGAN {n_params(raw_model):.1f}M params, discriminator {n_params(raw_disc):.2f}M | {len(paths)} images, "
+              f"{args.image_size}px -> {side}x{side} tokens, codebook {cfg.codebook_size} | device {device} x{world} "
+              f"{'bf16 autocast' if cuda else 'float32'} | global batch {per_rank * world} "
+              f"({args.batch_size} x {args.grad_accum} accumulation x {world} processes)")
 
     def checkpoint(step):
-        save_checkpoint({"kind": "vqgan", "config": asdict(cfg), "model": raw_model.state_dict(),
-                         "discriminator": (disc.module if world > 1 else disc).state_dict(),
-                         "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "args": vars(args)},
-                        ckpt_path)
+        obj = {"kind": "vqgan", "config": asdict(cfg), "model": raw_model.state_dict(),
+               "discriminator": raw_disc.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+               "step": step, "rng": rng_states(device), "args": vars(args)}
+        if not master:
+            return
+        save_rotating(obj, args.out, "vqgan", step, args.keep_checkpoints)
+        raw_model.eval()  # in train mode the quantizer would count the preview as codebook use
         with torch.no_grad():
             recon = raw_model(preview.to(device))[0].float().clamp(-1, 1).cpu()
+        raw_model.train()
         # Top row: inputs; bottom row: reconstructions.
         save_image(torch.cat([preview, recon]) * 0.5 + 0.5, os.path.join(args.out, f"vqgan_{step:07d}.png"),
                    nrow=len(preview))
 
-    # Training loop
-    t0, last_log = time.time(), time.time()
+    # Training loop. The random state is restored last, after everything above has drawn from it.
+    if ckpt is not None:
+        restore_rng_states(ckpt["rng"], rank, device)
+    stop, guard = GracefulStop(), NonFiniteGuard(device)
+    last_good = ckpt_path
+    t0 = last_log = time.time()
+    last_log_step = start
     for step in range(start + 1, args.vqgan_steps + 1):
-        images = next(batches).to(device, non_blocking=True)
+        micro = [next(batches).to(device, non_blocking=True, memory_format=memory_format)
+                 for _ in range(args.grad_accum)]
         gan_on = step > args.disc_start
-        recon, logs = generator_step(model, raw_model, disc, perceptual, opt_g, images, gan_on, autocast,
-                                     check_dead_codes=step % 10 == 0)  # the check waits for the GPU: not every step
-        logs["disc"] = discriminator_step(disc, opt_d, images, recon, autocast) if gan_on else \
+        recons, logs = generator_step(model, raw_model, raw_disc, perceptual, opt_g, micro, gan_on, autocast,
+                                      check_dead_codes=step % 10 == 0)  # the check waits for the GPU
+        logs["disc"] = discriminator_step(disc, raw_disc, opt_d, micro, recons, autocast) if gan_on else \
             torch.zeros((), device=device)
+        guard.update(logs["loss"], step)
 
         if step % args.log_every == 0 or step == args.vqgan_steps:
+            guard.check(last_good)
             logs = mean_over_ranks(logs, device)
             if master:
                 now = time.time()
-                speed = args.log_every * args.batch_size * world / (now - last_log)
+                speed = (step - last_log_step) * per_rank * world / (now - last_log)
                 eta = (now - t0) / (step - start) * (args.vqgan_steps - step)
                 print(f"step {step:>6}/{args.vqgan_steps} | loss {logs['loss']:.4f} rec {logs['rec']:.4f} "
                       f"codebook {logs['codebook']:.4f} gan {logs['gan']:+.3f} (w {logs['gan_weight']:.3f}) "
                       f"disc {logs['disc']:.3f} | psnr {logs['psnr']:.2f} dB | codes used "
                       f"{raw_model.quantizer.usage(args.log_every):.1%} ppl {logs['ppl']:.1f} | "
                       f"{speed:.1f} img/s | eta {format_eta(eta)}", flush=True)
-            last_log = time.time()
-        if master and (step % args.save_every == 0 or step == args.vqgan_steps):
+            last_log, last_log_step = time.time(), step
+        stopping = stop.requested(step, device)
+        if step % args.save_every == 0 or step == args.vqgan_steps or stopping:
+            guard.check(last_good)
             checkpoint(step)
+            last_good = os.path.join(args.out, "vqgan.pt")
+        if stopping:
+            if master:
+                print(f"stopped by signal {stop.signal} after step {step}; checkpoint saved, continue with --resume")
+            sys.exit(128 + stop.signal)
     if master:
-        print(f"stage 1 done: {ckpt_path}")
+        print(f"stage 1 done: {os.path.join(args.out, 'vqgan.pt')}")
+    if dist.is_initialized():
+        dist.barrier()  # stage 2 on other ranks reads the vqgan.pt that rank 0 has just written
 
 
 # -----------------------------------------------------------------------------------------------------------
 # Stage 2: the prior (prior.py), trained on a cache of every image's VQGAN tokens and CLIP embedding.
 
 
-def file_sha256(path):
-    return clip_loader.sha256_of(path)
-
-
 def cache_key(paths, vqgan_path, clip_name, image_size):
     """A digest of everything the cached tokens and embeddings depend on: the VQGAN weights, the CLIP, the
     image size and the image files (path, size, mtime). Any change gives a new key and a new cache."""
-    clip_id = clip_name if clip_name in clip_loader.MODELS else file_sha256(clip_name)
+    clip_id = clip_name if clip_name in clip_loader.MODELS else clip_loader.sha256_of(clip_name)
     files = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths]
-    blob = json.dumps([file_sha256(vqgan_path), clip_id, image_size, files])
+    blob = json.dumps([clip_loader.sha256_of(vqgan_path), clip_id, image_size, files])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -369,7 +582,7 @@ def cache_key(paths, vqgan_path, clip_name, image_size):
 def build_cache(paths, vq, clip_model, image_size, batch_size, device):
     """Encode every image (center crop, and its mirror image) once: VQGAN token ids (2N, n_tokens) and
     CLIP image embeddings (2N, clip_dim). Row 2i is image i, row 2i + 1 its horizontal flip."""
-    dataset = ImageFolder(paths, image_size, train=False)
+    dataset = ImageFolder(paths, image_size)
     tokens, embeddings = [], []
     for i in range(0, len(dataset), batch_size):
         x = torch.stack([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]).to(device)
@@ -402,33 +615,51 @@ def lr_at(step, args):
     return args.prior_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def prior_step(model, raw_model, opt, tokens, embeddings, with_embed_loss, vq, clip_model, args, autocast):
-    """One prior update. tokens (B, n_tokens) long, embeddings (B, clip_dim). Returns scalars to log."""
-    B = tokens.shape[0]
-    drop = torch.rand(B, device=tokens.device) < args.cond_drop  # null condition for these rows (CFG)
-    condition = prior.pseudo_text_embedding(embeddings, args.pseudo_text_alpha)
-    with autocast:
-        logits, _ = model(condition, tokens[:, :-1], drop)  # (B, n_tokens, vocab)
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
-        embed_loss = torch.zeros((), device=tokens.device)
-        if with_embed_loss:
-            k = min(args.embed_loss_batch, B)
-            # Reconstruct the true image embedding (not the noisy one): that is what the image is.
-            embed_loss = prior.embedding_reconstruction_loss(logits[:k], embeddings[:k], vq, clip_model,
-                                                             args.gumbel_tau, args.gumbel_hard)
-    loss = ce + args.embed_loss_weight * embed_loss
+def step_randomness(args, step, rows, clip_dim, rank):
+    """The condition-dropout mask (rows,) and pseudo-text noise (rows, clip_dim) of this process's rows at
+    `step`, cut from the global batch's draws made with a (seed, step) generator: the same numbers whatever
+    the number of processes, and reproducible after a resume."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    g = torch.Generator().manual_seed(stable_seed(args.seed, "prior", step))
+    drop = torch.rand(rows * world, generator=g) < args.cond_drop
+    noise = torch.randn(rows * world, clip_dim, generator=g)
+    mine = slice(rank * rows, (rank + 1) * rows)
+    return drop[mine], noise[mine]
+
+
+def prior_step(model, raw_model, opt, micro_batches, with_embed_loss, vq, clip_model, args, autocast):
+    """One prior update over micro-batches of (tokens (b, n_tokens), embeddings (b, clip_dim), drop (b,),
+    noise (b, clip_dim)). The embedding-reconstruction loss, when on, uses the first micro-batch's first
+    --embed-loss-batch images. Returns scalars to log."""
+    n = len(micro_batches)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    ce_sum = embed_loss = torch.zeros((), device=micro_batches[0][0].device)
+    for i, (tokens, embeddings, drop, noise) in enumerate(micro_batches):
+        condition = prior.pseudo_text_embedding(embeddings, args.pseudo_text_alpha, noise)
+        with sync_gradients(model, i == n - 1):
+            with autocast:
+                logits, _ = model(condition, tokens[:, :-1], drop)  # (b, n_tokens, vocab)
+                ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+                loss = ce / n
+                if with_embed_loss and i == 0:
+                    k = args.embed_loss_batch
+                    # Reconstruct the true image embedding (not the noisy one): that is what the image is.
+                    embed_loss = prior.embedding_reconstruction_loss(logits[:k], embeddings[:k], vq, clip_model,
+                                                                     args.gumbel_tau, args.gumbel_hard)
+                    loss = loss + args.embed_loss_weight * embed_loss
+            loss.backward()
+        ce_sum = ce_sum + ce.detach() / n
     if args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
     opt.step()
-    return {"loss": loss.detach(), "ce": ce.detach(), "embed": embed_loss.detach()}
+    return {"ce": ce_sum, "embed": embed_loss.detach(), "loss": ce_sum + args.embed_loss_weight * embed_loss.detach()}
 
 
 def train_prior(args, paths, rank, world, device):
     master = rank == 0
     torch.manual_seed(args.seed + rank)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     vqgan_path, vq, clip_model = load_frozen_models(args, device)
 
     # The cache: built once by rank 0, read by every rank.
@@ -448,47 +679,55 @@ def train_prior(args, paths, rank, world, device):
     # Hold out a few images (both flips) for the sample grids: they show generalisation, not memory.
     n_holdout = min(4, len(paths) // 5)
     preview_ids = range(len(paths) - n_holdout, len(paths)) if n_holdout else range(min(4, len(paths)))
-    preview = torch.stack([ImageFolder(paths, args.image_size, train=False)[i] for i in preview_ids])
+    preview = torch.stack([ImageFolder(paths, args.image_size)[i] for i in preview_ids])
     preview_emb = embeddings[[2 * i for i in preview_ids]]
     n_train = 2 * (len(paths) - n_holdout)
     tokens, embeddings = tokens[:n_train], embeddings[:n_train]
+    per_rank = args.batch_size * args.grad_accum
+    if n_train < per_rank * world:
+        sys.exit(f"error: {n_train} training sequences are fewer than one global batch ({per_rank * world}); "
+                 f"lower --batch-size or --grad-accum")
 
     cfg = prior.PRESETS[args.preset]
     cfg = prior.PriorConfig(**{**asdict(cfg), "vocab_size": vq.cfg.codebook_size, "n_tokens": tokens.shape[1],
                                "clip_dim": embeddings.shape[1], "adaln": args.adaln})
-    model = prior.Prior(cfg).to(device)
-    # Weight decay on matrices only; biases, norms and embeddings-as-vectors are left alone (as in nanoGPT).
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    raw_model = prior.Prior(cfg).to(device)
+    # Weight decay on matrices only; biases, norms and vectors are left alone (as in nanoGPT).
+    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.prior_lr, betas=(0.9, 0.95))
-    start = 0
-    ckpt_path = os.path.join(args.out, "prior.pt")
-    if args.resume and os.path.exists(ckpt_path):
-        ckpt = vqgan.load_checkpoint(ckpt_path, "prior")
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.prior_lr, betas=(0.9, 0.95),
+                            fused=cuda)
+    start, ckpt, ckpt_path = 0, None, None
+    if args.resume:
+        ckpt, ckpt_path = load_latest(args.out, "prior")
+    if ckpt is not None:
         if ckpt["config"]["clip_dim"] != cfg.clip_dim:
             sys.exit(f"error: {ckpt_path} was trained with a CLIP of embedding size {ckpt['config']['clip_dim']} "
                      f"({ckpt['clip']}), but --clip {args.clip} gives {cfg.clip_dim}; pass --clip {ckpt['clip']}")
-        model.load_state_dict(ckpt["model"])
+        raw_model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start = ckpt["step"]
         if master:
             print(f"resuming stage 2 from {ckpt_path} at step {start}")
-    raw_model = model
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if start >= args.prior_steps:
+        return
+    model = wrap_model(raw_model, args, device, world)
     if master:
         print(f"prior {sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M params "
               f"({cfg.n_layer} layers, width {cfg.n_embd}, {'prefix + adaLN' if cfg.adaln else 'prefix'} conditioning) | "
               f"{n_train} training sequences of {cfg.n_tokens} tokens, {n_holdout} images held out | "
-              f"CLIP {args.clip} ({cfg.clip_dim}-d) | global batch {args.batch_size * world} "
-              f"= {args.batch_size * world * cfg.n_tokens} tokens/step | lr {args.prior_lr} | device {device} x{world}")
+              f"CLIP {args.clip} ({cfg.clip_dim}-d) | global batch {per_rank * world} "
+              f"= {per_rank * world * cfg.n_tokens} tokens/step | lr {args.prior_lr} | device {device} x{world}")
 
     def checkpoint(step):
-        save_checkpoint({"kind": "prior", "config": asdict(cfg), "model": raw_model.state_dict(),
-                         "optimizer": opt.state_dict(), "step": step, "clip": args.clip,
-                         "vqgan": os.path.abspath(vqgan_path), "vqgan_sha256": file_sha256(vqgan_path),
-                         "args": vars(args)}, ckpt_path)
+        obj = {"kind": "prior", "config": asdict(cfg), "model": raw_model.state_dict(),
+               "optimizer": opt.state_dict(), "step": step, "rng": rng_states(device), "clip": args.clip,
+               "vqgan": os.path.abspath(vqgan_path), "vqgan_sha256": clip_loader.sha256_of(vqgan_path),
+               "args": vars(args)}
+        if not master:
+            return
+        save_rotating(obj, args.out, "prior", step, args.keep_checkpoints)
         raw_model.eval()
         samples = raw_model.sample(preview_emb.to(device), temperature=1.0, top_k=100,
                                    generator=torch.Generator(device).manual_seed(args.seed))
@@ -500,38 +739,55 @@ def train_prior(args, paths, rank, world, device):
         save_image(torch.cat([preview, images]) * 0.5 + 0.5, os.path.join(args.out, f"prior_{step:07d}.png"),
                    nrow=len(preview))
 
-    # Training loop over random batches of the cache (each rank draws its own rows; per-rank seeds differ).
+    # Training loop. The random state is restored last, after everything above has drawn from it.
+    if ckpt is not None:
+        restore_rng_states(ckpt["rng"], rank, device)
+    stop, guard = GracefulStop(), NonFiniteGuard(device)
+    last_good = ckpt_path
     t0 = last_log = time.time()
-    embed_loss = torch.zeros((), device=device)
+    last_log_step, embed_loss = start, torch.zeros((), device=device)
     for step in range(start + 1, args.prior_steps + 1):
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1, args)
-        rows = torch.randint(n_train, (args.batch_size,))
+        rows, _ = batch_indices(n_train, per_rank, rank, world, args.seed, step - 1)
+        drop, noise = step_randomness(args, step, per_rank, cfg.clip_dim, rank)
+        micro = [(tokens[rows[j:j + args.batch_size]].to(device, non_blocking=True),
+                  embeddings[rows[j:j + args.batch_size]].to(device, non_blocking=True),
+                  drop[j:j + args.batch_size].to(device), noise[j:j + args.batch_size].to(device))
+                 for j in range(0, per_rank, args.batch_size)]
         with_embed = args.embed_loss_weight > 0 and step % args.embed_loss_every == 0
-        logs = prior_step(model, raw_model, opt, tokens[rows].to(device), embeddings[rows].to(device),
-                          with_embed, vq, clip_model, args, autocast)
+        logs = prior_step(model, raw_model, opt, micro, with_embed, vq, clip_model, args, autocast)
+        guard.update(logs["loss"], step)
         if with_embed:
             embed_loss = logs["embed"]
         if step % args.log_every == 0 or step == args.prior_steps:
+            guard.check(last_good)
             logs = mean_over_ranks({"ce": logs["ce"], "embed": embed_loss}, device)
             if master:
                 now = time.time()
-                speed = args.log_every * args.batch_size * world * cfg.n_tokens / (now - last_log)
+                speed = (step - last_log_step) * per_rank * world * cfg.n_tokens / (now - last_log)
                 eta = (now - t0) / (step - start) * (args.prior_steps - step)
                 print(f"step {step:>6}/{args.prior_steps} | ce {logs['ce']:.4f} embed {logs['embed']:.4f} | "
                       f"lr {lr_at(step - 1, args):.2e} | {speed:,.0f} tokens/s | eta {format_eta(eta)}", flush=True)
-            last_log = time.time()
-        if master and (step % args.save_every == 0 or step == args.prior_steps):
+            last_log, last_log_step = time.time(), step
+        stopping = stop.requested(step, device)
+        if step % args.save_every == 0 or step == args.prior_steps or stopping:
+            guard.check(last_good)
             checkpoint(step)
+            last_good = os.path.join(args.out, "prior.pt")
+        if stopping:
+            if master:
+                print(f"stopped by signal {stop.signal} after step {step}; checkpoint saved, continue with --resume")
+            sys.exit(128 + stop.signal)
     if master:
-        print(f"stage 2 done: {ckpt_path}")
+        print(f"stage 2 done: {os.path.join(args.out, 'prior.pt')}")
 
 
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
     try:
-        paths = readable_images(find_images(args.data))
+        paths = readable_images(find_images(args.data), report=rank == 0)
         if args.stage in ("vqgan", "all"):
             train_vqgan(args, paths, rank, world, device)
         if args.stage in ("prior", "all"):
