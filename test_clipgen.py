@@ -1079,3 +1079,15 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     fine = train.NonFiniteGuard(torch.device("cpu"))
     fine.update(torch.tensor(1.0), 1)
     fine.check(None)  # no exit
+
+
+def test_bench_flop_count_matches_the_model():
+    import bench
+    for cfg in (prior.PRESETS["paper"], prior.PRESETS["tiny"]):
+        model = prior.Prior(cfg)
+        # matmul weights of the blocks and the output head: what the 6N term of the estimate counts
+        real = sum(p.numel() for n, p in model.named_parameters()
+                   if p.dim() == 2 and (n.startswith("blocks.") or n.startswith("head.")))
+        T = cfg.n_prefix + cfg.n_tokens
+        estimate = (bench.prior_flops_per_token(cfg) - 12 * cfg.n_layer * cfg.n_embd * T) / 6
+        assert estimate == pytest.approx(real, rel=1e-3)

@@ -1,0 +1,181 @@
+"""
+bench.py: how fast clipgen trains and samples on this machine (a benchmark, not a test).
+
+    python bench.py                          # paper-size models on a GPU, tiny ones on a CPU
+    python bench.py --size paper --compile --json bench.json
+
+Measures, for a named model size:
+  (a) the VQGAN training step (generator + discriminator, perceptual loss included) in images/s, with the
+      project's speed settings (bf16 autocast + channels_last on CUDA) and, on CUDA, also in plain fp32
+      with the default memory layout, to show what those settings buy;
+  (b) the prior training step in tokens/s and model FLOPs utilisation (MFU): model FLOPs per second over
+      the device's peak (the published dense bf16 peak on H100/H200; a measured fp32 matmul peak on a CPU);
+  (c) sampling n_tokens tokens with and without the KV cache, in images/s, and their ratio.
+Weights are random (speed does not depend on them) and nothing is downloaded.
+"""
+import argparse
+import json
+import time
+from contextlib import nullcontext
+
+import torch
+from torchvision.models import vgg16
+
+import prior
+import train
+import vqgan
+
+# Published dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def device_peak(device):
+    """-> (peak FLOP/s, how it was obtained)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak, f"published bf16 dense peak of {name}"
+        return float("nan"), f"unknown peak for {name}"
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t0, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0), "measured fp32 1024^3 matmul"
+
+
+def timed(fn, device, warmup, iters):
+    """Seconds per call of fn after `warmup` untimed calls (compilation, autotuning, allocator)."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def bench_vqgan(cfg, batch, device, fast, compile_model, warmup, iters):
+    """Images/s of one full stage-1 step. fast: bf16 autocast + channels_last (CUDA only)."""
+    torch.manual_seed(0)
+    fast = fast and device.type == "cuda"
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fast else nullcontext()
+    model = vqgan.VQGAN(cfg).to(device, memory_format=fmt)
+    disc = vqgan.PatchDiscriminator(cfg).to(device, memory_format=fmt)
+    perceptual = vqgan.PerceptualLoss(vgg16(weights=None).features).to(device, memory_format=fmt)
+    opt_g = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, fused=device.type == "cuda")
+    wrapped = torch.compile(model) if compile_model else model
+    images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device).mul(2).sub(1)
+    images = images.contiguous(memory_format=fmt)
+
+    def step():
+        recons, _ = train.generator_step(wrapped, model, disc, perceptual, opt_g, [images], True, autocast,
+                                         check_dead_codes=False)
+        train.discriminator_step(disc, disc, opt_d, [images], recons, autocast)
+    return batch / timed(step, device, warmup, iters)
+
+
+def prior_flops_per_token(cfg):
+    """Training FLOPs per token, PaLM's estimate as in nanoGPT: 6 x (non-embedding parameters) for the
+    matmuls forward and backward, plus 12 x layers x width x sequence length for attention."""
+    model_params = 12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.n_embd * cfg.vocab_size  # blocks + output head
+    T = cfg.n_prefix + cfg.n_tokens
+    return 6 * model_params + 12 * cfg.n_layer * cfg.n_embd * T
+
+
+def bench_prior_train(cfg, batch, device, compile_model, warmup, iters):
+    torch.manual_seed(0)
+    model = prior.Prior(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    wrapped = torch.compile(model) if compile_model else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    tokens = torch.randint(cfg.vocab_size, (batch, cfg.n_tokens), device=device)
+    emb = torch.randn(batch, cfg.clip_dim, device=device)
+
+    def step():
+        with autocast:
+            logits, _ = wrapped(emb, tokens[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    dt = timed(step, device, warmup, iters)
+    return batch * cfg.n_tokens / dt
+
+
+def bench_sampling(cfg, batch, device, use_cache, iters):
+    torch.manual_seed(0)
+    model = prior.Prior(cfg).to(device).eval()
+    emb = torch.randn(batch, cfg.clip_dim, device=device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    def run():
+        with autocast:
+            model.sample(emb, top_k=100, use_cache=use_cache)
+    return batch / timed(run, device, warmup=1, iters=iters)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--size", choices=["paper", "tiny"], default=None, help="model size (default: paper on CUDA, tiny on CPU)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vqgan-batch", type=int, default=None, help="images per VQGAN step (default: 8 paper, 4 tiny)")
+    p.add_argument("--prior-batch", type=int, default=None, help="sequences per prior step (default: 32 paper, 8 tiny)")
+    p.add_argument("--sample-batch", type=int, default=8, help="sequences sampled at once")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations of each training step")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--json", help="also write the results to this file")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    size = args.size or ("paper" if device.type == "cuda" else "tiny")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    vq_cfg = vqgan.PRESETS[size]
+    # The prior always writes a 16x16 = 256-token grid here, the paper's sequence length.
+    prior_cfg = prior.PriorConfig(**{**prior.PRESETS[size].__dict__, "n_tokens": 256})
+    vq_batch = args.vqgan_batch or (8 if size == "paper" else 4)
+    prior_batch = args.prior_batch or (32 if size == "paper" else 8)
+    peak, peak_source = device_peak(device)
+    warmup = 5 if args.compile else 2
+
+    rows = []
+    fast = bench_vqgan(vq_cfg, vq_batch, device, True, args.compile, warmup, args.iters)
+    rows.append(("vqgan train step" + (" (bf16 + channels_last)" if device.type == "cuda" else " (fp32)"),
+                 f"{fast:.1f} img/s", ""))
+    if device.type == "cuda":
+        slow = bench_vqgan(vq_cfg, vq_batch, device, False, False, 2, args.iters)
+        rows.append(("vqgan train step (fp32, default layout, no compile)", f"{slow:.1f} img/s",
+                     f"speed-up {fast / slow:.2f}x"))
+    tok_s = bench_prior_train(prior_cfg, prior_batch, device, args.compile, warmup, args.iters)
+    mfu = tok_s * prior_flops_per_token(prior_cfg) / peak
+    rows.append(("prior train step", f"{tok_s:,.0f} tokens/s", f"MFU {mfu:.1%}"))
+    cached = bench_sampling(prior_cfg, args.sample_batch, device, True, iters=2)
+    full = bench_sampling(prior_cfg, args.sample_batch, device, False, iters=1)
+    rows.append((f"sample {prior_cfg.n_tokens} tokens, KV cache", f"{cached:.2f} img/s", f"{cached / full:.1f}x faster"))
+    rows.append((f"sample {prior_cfg.n_tokens} tokens, full recompute", f"{full:.2f} img/s", ""))
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device {name} | size {size} | torch {torch.__version__} | compile {args.compile} | "
+          f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    print(f"VQGAN {sum(p.numel() for p in vqgan.VQGAN(vq_cfg).parameters()) / 1e6:.1f}M params at "
+          f"{vq_cfg.image_size}px, batch {vq_batch} | prior {prior_cfg.n_layer} layers x {prior_cfg.n_embd}, "
+          f"batch {prior_batch} x {prior_cfg.n_tokens} tokens, {prior_flops_per_token(prior_cfg) / 1e9:.2f} GFLOP/token")
+    width = max(len(r[0]) for r in rows)
+    for what, value, note in rows:
+        print(f"  {what:<{width}}  {value:>18}  {note}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "size": size, "compile": args.compile, "peak_flops": peak,
+                       "results": [dict(zip(("what", "value", "note"), r)) for r in rows]}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
