@@ -37,6 +37,8 @@ def device_peak(device):
             if key in name:
                 return peak, f"published bf16 dense peak of {name}"
         return float("nan"), f"unknown peak for {name}"
+    # A CPU has no published "peak" comparable to a GPU's; the best a large fp32 matmul reaches on this
+    # machine is the honest ceiling for our model's matmuls.
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
@@ -48,7 +50,9 @@ def device_peak(device):
 
 
 def timed(fn, device, warmup, iters):
-    """Seconds per call of fn after `warmup` untimed calls (compilation, autotuning, allocator)."""
+    """Seconds per call of fn after `warmup` untimed calls (compilation, autotuning, allocator).
+    CUDA kernels run asynchronously: without a synchronize before reading the clock we would time only
+    the kernel launches."""
     for _ in range(warmup):
         fn()
     if device.type == "cuda":
@@ -69,6 +73,7 @@ def bench_vqgan(cfg, batch, device, fast, compile_model, warmup, iters):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fast else nullcontext()
     model = vqgan.VQGAN(cfg).to(device, memory_format=fmt)
     disc = vqgan.PatchDiscriminator(cfg).to(device, memory_format=fmt)
+    # Random VGG16 weights: the same FLOPs as the real perceptual loss, without a 528 MB download.
     perceptual = vqgan.PerceptualLoss(vgg16(weights=None).features).to(device, memory_format=fmt)
     opt_g = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -76,6 +81,7 @@ def bench_vqgan(cfg, batch, device, fast, compile_model, warmup, iters):
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device).mul(2).sub(1)
     images = images.contiguous(memory_format=fmt)
 
+    # Exactly train.py's step (both updates, adversarial loss on), so the figure is what training gets.
     def step():
         recons, _ = train.generator_step(wrapped, model, disc, perceptual, opt_g, [images], True, autocast,
                                          check_dead_codes=False)
@@ -146,6 +152,7 @@ def main():
     peak, peak_source = device_peak(device)
     warmup = 5 if args.compile else 2
 
+    # Each row: (what, value, note); printed as a table and optionally written as JSON.
     rows = []
     fast = bench_vqgan(vq_cfg, vq_batch, device, True, args.compile, warmup, args.iters)
     rows.append(("vqgan train step" + (" (bf16 + channels_last)" if device.type == "cuda" else " (fp32)"),
@@ -157,6 +164,8 @@ def main():
     tok_s = bench_prior_train(prior_cfg, prior_batch, device, args.compile, warmup, args.iters)
     mfu = tok_s * prior_flops_per_token(prior_cfg) / peak
     rows.append(("prior train step", f"{tok_s:,.0f} tokens/s", f"MFU {mfu:.1%}"))
+    # Without the cache every new token re-runs the whole prefix (O(T^2) work for T tokens); with it, one
+    # position per step attends to stored keys and values (O(T)).
     cached = bench_sampling(prior_cfg, args.sample_batch, device, True, iters=2)
     full = bench_sampling(prior_cfg, args.sample_batch, device, False, iters=1)
     rows.append((f"sample {prior_cfg.n_tokens} tokens, KV cache", f"{cached:.2f} img/s", f"{cached / full:.1f}x faster"))

@@ -22,7 +22,12 @@ import torch
 from torchvision.utils import save_image
 
 
+# Exit codes: 2 for a bad command line (argparse's convention, also used for our own checks of the
+# arguments: an empty prompt, a missing --image file), 1 for a run that can not be loaded or read.
+
+
 def parse_args(argv=None):
+    """The command line, checked before any model is loaded, so a typo costs a second, not a model load."""
     p = argparse.ArgumentParser(description="Generate images from text with a trained CLIP-GEN run.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompts", nargs="*", help="one or more prompts")
@@ -72,8 +77,9 @@ def slug(text, limit=40):
 
 def main(argv=None):
     args = parse_args(argv)
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
+    # Imported here, after the arguments are checked: torch and the models take seconds to import.
     from clipgen import CLIPGen
     from train import open_rgb
 
@@ -84,11 +90,15 @@ def main(argv=None):
         gen = CLIPGen.from_checkpoint(args.run, clip=args.clip, device=args.device)
     except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: could not load the run in {args.run!r}: {e}")
+    # Warnings (a truncated prompt, a VQGAN that is not the prior's) as one plain line each, every time:
+    # Python's default shows a source line and hides repeats, which reads like a crash to a user.
     warnings.simplefilter("always")
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
 
     t0 = time.time()
 
+    # Sampling is the slow part (one prior step per token); a progress line on stderr keeps stdout clean
+    # for the list of files and scores, which scripts may parse.
     def progress(done, total):
         print(f"\rsampling {done}/{total} sequences ({time.time() - t0:.0f}s)", end="\n" if done == total else "",
               file=sys.stderr, flush=True)
@@ -105,6 +115,8 @@ def main(argv=None):
     else:
         names, results = [slug(p) for p in args.prompts], gen.generate(args.prompts, **sampling)
 
+    # File names carry the prompt and seed, so the same command writes the same files with the same bytes,
+    # and another seed never overwrites them.
     os.makedirs(args.out, exist_ok=True)
     grid = []
     for name, label, kept in zip(names, [args.image] if args.image else args.prompts, results):
@@ -114,10 +126,12 @@ def main(argv=None):
             image.save(path)
             print(f"  {path}  CLIP score {score:.2f}")
         grid += [torch.from_numpy(np.array(im)).permute(2, 0, 1) for im, _ in kept]  # (3, H, W) uint8
+    # One row per prompt, best image first.
     grid_path = os.path.join(args.out, f"{names[0]}{'_etc' if len(names) > 1 else ''}_seed{args.seed}_grid.png")
     save_image(torch.stack(grid).float() / 255, grid_path, nrow=args.keep)
     print(f"grid: {grid_path}")
 
+    # Evaluation scores the images just written (no second round of sampling).
     if args.eval_real:
         metrics = gen.evaluate(args.prompts, args.eval_real, results=results)
         print(f"evaluation with {args.clip or 'the training CLIP'} ({metrics['n_generated']} generated, "

@@ -111,6 +111,10 @@ def parse_args(argv=None):
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+# A run should never die hours in because of one bad file, nor silently train on fewer images than the user
+# thinks: bad files are dropped up front and named once, and a file that only fails later is replaced.
+
+
 def find_images(folder):
     """Sorted paths of all images under `folder` (recursively); exits with a message if there are none."""
     if not os.path.isdir(folder):
@@ -380,14 +384,15 @@ class NonFiniteGuard:
     `check` (called before logging and saving) stops the run naming that step, so no checkpoint is ever
     written from a diverged model."""
 
-    def __init__(self, device):
+    def __init__(self, device, last_good=None):
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.last_good = last_good  # path of the newest checkpoint written from finite losses
 
     def update(self, loss, step):
         bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
         self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
 
-    def check(self, last_good):
+    def check(self):
         first_bad = self.first_bad.clone()
         if dist.is_initialized():
             first_bad[first_bad < 0] = 1 << 62
@@ -395,8 +400,22 @@ class NonFiniteGuard:
             first_bad[first_bad == 1 << 62] = -1
         if first_bad.item() >= 0:
             sys.exit(f"error: the loss became NaN/inf at step {first_bad.item()}; stopping without saving. "
-                     f"The last good checkpoint is {last_good or 'none (no checkpoint yet)'}: resume from it "
+                     f"The last good checkpoint is {self.last_good or 'none (no checkpoint yet)'}: resume from it "
                      f"with --resume and a lower learning rate.")
+
+
+def save_or_stop(step, total, args, kind, stop, guard, checkpoint, master):
+    """The end of every training step of both stages: save every --save-every steps, at the last step, and
+    when a signal asked to stop, in which case exit after saving. Never saves after a NaN/inf loss."""
+    stopping = stop.requested(step, guard.first_bad.device)
+    if step % args.save_every == 0 or step == total or stopping:
+        guard.check()
+        checkpoint(step)
+        guard.last_good = os.path.join(args.out, f"{kind}.pt")
+    if stopping:
+        if master:
+            print(f"stopped by signal {stop.signal} after step {step}; checkpoint saved, continue with --resume")
+        sys.exit(128 + stop.signal)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -469,6 +488,7 @@ def train_vqgan(args, paths, rank, world, device):
     perceptual = vqgan.PerceptualLoss().to(device, memory_format=memory_format) if args.perceptual == "vgg" else None
     opt_g = torch.optim.Adam(model.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9), fused=cuda)
     opt_d = torch.optim.Adam(raw_disc.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9), fused=cuda)
+    # Resume: weights and optimizer moments now; the random state only just before the loop (see there).
     start, ckpt, ckpt_path = 0, None, None
     if args.resume:
         ckpt, ckpt_path = load_latest(args.out, "vqgan")
@@ -480,7 +500,7 @@ def train_vqgan(args, paths, rank, world, device):
         start = ckpt["step"]
         if master:
             print(f"resuming stage 1 from {ckpt_path} at step {start}")
-    if start >= args.vqgan_steps:
+    if start >= args.vqgan_steps:  # `--stage all --resume` after stage 1 had finished
         return
     raw_model = model
     model, disc = wrap_model(model, args, device, world), wrap_model(raw_disc, args, device, world)
@@ -490,11 +510,14 @@ def train_vqgan(args, paths, rank, world, device):
     if len(paths) < per_rank * world:
         sys.exit(f"error: {len(paths)} images are fewer than one global batch ({per_rank * world}); "
                  f"lower --batch-size or --grad-accum")
+    # Workers decode and augment in parallel with the GPU step; pinned host memory lets the copy to the GPU
+    # run asynchronously (non_blocking below). The sampler starts at `start`, so a resumed run continues
+    # with exactly the images the interrupted one would have seen next.
     dataset = ImageFolder(paths, args.image_size, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=cuda,
                         sampler=StepSampler(len(paths), per_rank, rank, world, args.seed, start),
                         persistent_workers=args.workers > 0)
-    batches = iter(loader)
+    batches = iter(loader)  # before the RNG restore below: creating the iterator draws a random seed
     # A fixed batch of center crops of the first images for the reconstruction grids.
     preview = torch.stack([dataset[i] for i in range(min(8, len(paths)))])
     if master:
@@ -506,6 +529,8 @@ def train_vqgan(args, paths, rank, world, device):
               f"({args.batch_size} x {args.grad_accum} accumulation x {world} processes)")
 
     def checkpoint(step):
+        # Every rank takes part (rng_states gathers each rank's random state); only rank 0 writes.
+        # Weights come from the unwrapped, uncompiled modules so the file loads into a plain VQGAN.
         obj = {"kind": "vqgan", "config": asdict(cfg), "model": raw_model.state_dict(),
                "discriminator": raw_disc.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                "step": step, "rng": rng_states(device), "args": vars(args)}
@@ -523,22 +548,25 @@ def train_vqgan(args, paths, rank, world, device):
     # Training loop. The random state is restored last, after everything above has drawn from it.
     if ckpt is not None:
         restore_rng_states(ckpt["rng"], rank, device)
-    stop, guard = GracefulStop(), NonFiniteGuard(device)
-    last_good = ckpt_path
+    stop, guard = GracefulStop(), NonFiniteGuard(device, last_good=ckpt_path)
     t0 = last_log = time.time()
     last_log_step = start
     for step in range(start + 1, args.vqgan_steps + 1):
+        # One optimizer step = grad_accum micro-batches of --batch-size images on each process.
         micro = [next(batches).to(device, non_blocking=True, memory_format=memory_format)
                  for _ in range(args.grad_accum)]
+        # Taming starts the adversarial loss late: a GAN on top of blurry early reconstructions mostly teaches
+        # the decoder texture noise, and an early discriminator wins too easily to give useful gradients.
         gan_on = step > args.disc_start
         recons, logs = generator_step(model, raw_model, raw_disc, perceptual, opt_g, micro, gan_on, autocast,
                                       check_dead_codes=step % 10 == 0)  # the check waits for the GPU
         logs["disc"] = discriminator_step(disc, raw_disc, opt_d, micro, recons, autocast) if gan_on else \
             torch.zeros((), device=device)
-        guard.update(logs["loss"], step)
+        guard.update(logs["loss"], step)  # on the device: no waiting for the GPU on ordinary steps
 
+        # Logging is the one place a step waits for the GPU (.tolist() in mean_over_ranks), so it is rare.
         if step % args.log_every == 0 or step == args.vqgan_steps:
-            guard.check(last_good)
+            guard.check()
             logs = mean_over_ranks(logs, device)
             if master:
                 now = time.time()
@@ -550,15 +578,7 @@ def train_vqgan(args, paths, rank, world, device):
                       f"{raw_model.quantizer.usage(args.log_every):.1%} ppl {logs['ppl']:.1f} | "
                       f"{speed:.1f} img/s | eta {format_eta(eta)}", flush=True)
             last_log, last_log_step = time.time(), step
-        stopping = stop.requested(step, device)
-        if step % args.save_every == 0 or step == args.vqgan_steps or stopping:
-            guard.check(last_good)
-            checkpoint(step)
-            last_good = os.path.join(args.out, "vqgan.pt")
-        if stopping:
-            if master:
-                print(f"stopped by signal {stop.signal} after step {step}; checkpoint saved, continue with --resume")
-            sys.exit(128 + stop.signal)
+        save_or_stop(step, args.vqgan_steps, args, "vqgan", stop, guard, checkpoint, master)
     if master:
         print(f"stage 1 done: {os.path.join(args.out, 'vqgan.pt')}")
     if dist.is_initialized():
@@ -662,7 +682,9 @@ def train_prior(args, paths, rank, world, device):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     vqgan_path, vq, clip_model = load_frozen_models(args, device)
 
-    # The cache: built once by rank 0, read by every rank.
+    # The cache: built once by rank 0, read by every rank. Encoding is the expensive part of stage 2's set-up
+    # (a VQGAN and a CLIP forward per image); training then reads tokens and embeddings from memory, so the
+    # prior's steps never touch image files, and the frozen models run only for the embedding loss and grids.
     key = cache_key(paths, vqgan_path, args.clip, args.image_size)
     cache_path = os.path.join(args.out, f"prior_cache_{key[:16]}.pt")
     if master and not os.path.exists(cache_path):
@@ -688,6 +710,7 @@ def train_prior(args, paths, rank, world, device):
         sys.exit(f"error: {n_train} training sequences are fewer than one global batch ({per_rank * world}); "
                  f"lower --batch-size or --grad-accum")
 
+    # The prior's vocabulary, sequence length and condition size are read off the VQGAN and CLIP actually used.
     cfg = prior.PRESETS[args.preset]
     cfg = prior.PriorConfig(**{**asdict(cfg), "vocab_size": vq.cfg.codebook_size, "n_tokens": tokens.shape[1],
                                "clip_dim": embeddings.shape[1], "adaln": args.adaln})
@@ -742,26 +765,30 @@ def train_prior(args, paths, rank, world, device):
     # Training loop. The random state is restored last, after everything above has drawn from it.
     if ckpt is not None:
         restore_rng_states(ckpt["rng"], rank, device)
-    stop, guard = GracefulStop(), NonFiniteGuard(device)
-    last_good = ckpt_path
+    stop, guard = GracefulStop(), NonFiniteGuard(device, last_good=ckpt_path)
     t0 = last_log = time.time()
     last_log_step, embed_loss = start, torch.zeros((), device=device)
     for step in range(start + 1, args.prior_steps + 1):
+        # The schedule is a function of the step, so a resume needs no scheduler state.
         for group in opt.param_groups:
             group["lr"] = lr_at(step - 1, args)
+        # This rank's rows of the cache and its share of the step's random draws; both are functions of the
+        # step alone (see batch_indices and step_randomness), like stage 1's images.
         rows, _ = batch_indices(n_train, per_rank, rank, world, args.seed, step - 1)
         drop, noise = step_randomness(args, step, per_rank, cfg.clip_dim, rank)
         micro = [(tokens[rows[j:j + args.batch_size]].to(device, non_blocking=True),
                   embeddings[rows[j:j + args.batch_size]].to(device, non_blocking=True),
                   drop[j:j + args.batch_size].to(device), noise[j:j + args.batch_size].to(device))
                  for j in range(0, per_rank, args.batch_size)]
+        # The embedding-reconstruction loss decodes images and runs CLIP on them, several times the cost of
+        # the GPT step; computing it every few steps on a few images keeps its signal at a fraction of the cost.
         with_embed = args.embed_loss_weight > 0 and step % args.embed_loss_every == 0
         logs = prior_step(model, raw_model, opt, micro, with_embed, vq, clip_model, args, autocast)
         guard.update(logs["loss"], step)
         if with_embed:
             embed_loss = logs["embed"]
         if step % args.log_every == 0 or step == args.prior_steps:
-            guard.check(last_good)
+            guard.check()
             logs = mean_over_ranks({"ce": logs["ce"], "embed": embed_loss}, device)
             if master:
                 now = time.time()
@@ -770,20 +797,14 @@ def train_prior(args, paths, rank, world, device):
                 print(f"step {step:>6}/{args.prior_steps} | ce {logs['ce']:.4f} embed {logs['embed']:.4f} | "
                       f"lr {lr_at(step - 1, args):.2e} | {speed:,.0f} tokens/s | eta {format_eta(eta)}", flush=True)
             last_log, last_log_step = time.time(), step
-        stopping = stop.requested(step, device)
-        if step % args.save_every == 0 or step == args.prior_steps or stopping:
-            guard.check(last_good)
-            checkpoint(step)
-            last_good = os.path.join(args.out, "prior.pt")
-        if stopping:
-            if master:
-                print(f"stopped by signal {stop.signal} after step {step}; checkpoint saved, continue with --resume")
-            sys.exit(128 + stop.signal)
+        save_or_stop(step, args.prior_steps, args, "prior", stop, guard, checkpoint, master)
     if master:
         print(f"stage 2 done: {os.path.join(args.out, 'prior.pt')}")
 
 
 def main(argv=None):
+    """Both stages in one process group: under torchrun every process runs this, and they meet in the
+    collective calls (gradient all-reduce, logging, checkpoints, barriers)."""
     args = parse_args(argv)
     rank, world, device = setup_distributed(args.device)
     try:
