@@ -55,6 +55,8 @@ def parse_args(argv=None):
             args.prompts += [line.strip() for line in f if line.strip()]
     if args.image and not os.path.isfile(args.image):
         p.error(f"--image: no such file {args.image!r}")
+    if args.image and args.prompts:
+        p.error("give prompts or --image, not both: variations follow the image alone")
     if not args.prompts and not args.image:
         p.error("give a prompt (python sample.py \"a dog\"), --prompts FILE or --image PATH")
     if any(not prompt.strip() for prompt in args.prompts):
