@@ -503,6 +503,10 @@ def train_vqgan(args, paths, rank, world, device):
     if start >= args.vqgan_steps:  # `--stage all --resume` after stage 1 had finished
         return
     raw_model = model
+    if args.compile:
+        # The adaptive GAN weight differentiates twice through the same graph (retain_graph=True), which
+        # compiled backward passes that reuse ("donate") their saved buffers forbid; keep them.
+        torch._functorch.config.donated_buffer = False
     model, disc = wrap_model(model, args, device, world), wrap_model(raw_disc, args, device, world)
 
     # Data: this process's share of each step's images, from step `start` on, loaded by worker processes.
