@@ -71,7 +71,9 @@ def parse_args(argv=None):
     g.add_argument("--clip", default="ViT-B/32", help="CLIP model name or checkpoint path (see clip_loader.py)")
     g.add_argument("--prior-steps", type=int, default=100_000, help="optimizer steps of stage 2")
     g.add_argument("--prior-lr", type=float, default=3e-4, help="peak AdamW learning rate of the prior")
-    g.add_argument("--warmup", type=int, default=1000, help="linear warm-up steps, then cosine decay to 10%%")
+    g.add_argument("--warmup", type=int, default=None,
+                   help="linear warm-up steps, then cosine decay to 10%% (default: 1000, or a tenth of "
+                        "--prior-steps if that is less)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
     g.add_argument("--embed-loss-weight", type=float, default=0.1,
@@ -93,6 +95,8 @@ def parse_args(argv=None):
     g.add_argument("--workers", type=int, default=4, help="data-loading processes per GPU/process")
     g.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda'")
     args = p.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = min(1000, max(1, args.prior_steps // 10))
     if args.image_size is None:
         args.image_size = vqgan.PRESETS[args.preset].image_size
     downsample = vqgan.PRESETS[args.preset].downsample
