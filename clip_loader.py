@@ -403,6 +403,14 @@ class CLIP(nn.Module):
 _JIT_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 
+def is_torchscript(path):
+    """A TorchScript archive stores its program under <name>/code/; a torch.save file never does."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any("/code/" in name for name in zf.namelist())
+
+
 def read_state_dict(path):
     """Return the tensors in a CLIP checkpoint file, without executing anything it contains.
 
@@ -414,16 +422,12 @@ def read_state_dict(path):
         raise FileNotFoundError(f"CLIP checkpoint {path!r} does not exist; pass a model name "
                                 f"({', '.join(available_models())}) or the path of a .pt file")
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-            # A TorchScript archive stores its program under <name>/code/; a torch.save file never does.
-            if any("/code/" in n for n in names):
-                with warnings.catch_warnings():  # torch deprecates TorchScript, but OpenAI's files are in it
-                    warnings.simplefilter("ignore", FutureWarning)
-                    state_dict = torch.jit.load(path, map_location="cpu").state_dict()
-                return {k: v for k, v in state_dict.items() if k not in _JIT_EXTRA_KEYS}
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        if is_torchscript(path):
+            with warnings.catch_warnings():  # torch deprecates TorchScript, but OpenAI's files are in it
+                warnings.simplefilter("ignore", FutureWarning)
+                state_dict = dict(torch.jit.load(path, map_location="cpu").state_dict())
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many different types for a bad file; all mean the same to a user
         raise ValueError(f"{path!r} is not a readable CLIP checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None

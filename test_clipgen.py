@@ -760,13 +760,14 @@ def test_cache_key_tracks_vqgan_clip_and_size(tmp_path, ckpt_root):
     vq_path = tmp_path / "vqgan.pt"
     torch.save({"kind": "vqgan", "w": torch.zeros(3)}, vq_path)
     _, clip_paths = _checkpoint_files("tiny-vit", ckpt_root)
-    key = train.cache_key(paths, str(vq_path), clip_paths["state_dict"], 32)
-    assert train.cache_key(paths, str(vq_path), clip_paths["state_dict"], 32) == key
-    assert train.cache_key(paths, str(vq_path), clip_paths["fp16"], 32) != key
-    assert train.cache_key(paths, str(vq_path), clip_paths["state_dict"], 48) != key
-    assert train.cache_key(paths[:-1], str(vq_path), clip_paths["state_dict"], 32) != key
+    vq_sha = clip_loader.sha256_of(vq_path)
+    key = train.cache_key(paths, vq_sha, clip_paths["state_dict"], 32)
+    assert train.cache_key(paths, vq_sha, clip_paths["state_dict"], 32) == key
+    assert train.cache_key(paths, vq_sha, clip_paths["fp16"], 32) != key
+    assert train.cache_key(paths, vq_sha, clip_paths["state_dict"], 48) != key
+    assert train.cache_key(paths[:-1], vq_sha, clip_paths["state_dict"], 32) != key
     torch.save({"kind": "vqgan", "w": torch.ones(3)}, vq_path)
-    assert train.cache_key(paths, str(vq_path), clip_paths["state_dict"], 32) != key
+    assert train.cache_key(paths, clip_loader.sha256_of(vq_path), clip_paths["state_dict"], 32) != key
 
 
 def test_train_all_stages_end_to_end(tmp_path, ckpt_root):

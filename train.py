@@ -273,6 +273,11 @@ def sync_gradients(model, last_micro_step):
     return model.no_sync() if isinstance(model, DDP) and not last_micro_step else nullcontext()
 
 
+def save_grid(top, bottom, path):
+    """Two rows of images in [-1, 1], (n, 3, H, W) each, as one PNG: the training runs' visual log."""
+    save_image(torch.cat([top, bottom]) * 0.5 + 0.5, path, nrow=len(top))
+
+
 def format_eta(seconds):
     return "?" if not math.isfinite(seconds) else time.strftime("%H:%M:%S", time.gmtime(seconds))
 
@@ -549,9 +554,7 @@ def train_vqgan(args, paths, rank, world, device):
         with torch.no_grad():
             recon = raw_model(preview.to(device))[0].float().clamp(-1, 1).cpu()
         raw_model.train()
-        # Top row: inputs; bottom row: reconstructions.
-        save_image(torch.cat([preview, recon]) * 0.5 + 0.5, os.path.join(args.out, f"vqgan_{step:07d}.png"),
-                   nrow=len(preview))
+        save_grid(preview, recon, os.path.join(args.out, f"vqgan_{step:07d}.png"))  # inputs over reconstructions
 
     # Training loop. The random state is restored last, after everything above has drawn from it.
     if ckpt is not None:
@@ -597,12 +600,13 @@ def train_vqgan(args, paths, rank, world, device):
 # Stage 2: the prior (prior.py), trained on a cache of every image's VQGAN tokens and CLIP embedding.
 
 
-def cache_key(paths, vqgan_path, clip_name, image_size):
-    """A digest of everything the cached tokens and embeddings depend on: the VQGAN weights, the CLIP, the
-    image size and the image files (path, size, mtime). Any change gives a new key and a new cache."""
+def cache_key(paths, vqgan_sha256, clip_name, image_size):
+    """A digest of everything the cached tokens and embeddings depend on: the VQGAN weights (by their
+    file's SHA-256), the CLIP, the image size and the image files (path, size, mtime). Any change gives a
+    new key and a new cache."""
     clip_id = clip_name if clip_name in clip_loader.MODELS else clip_loader.sha256_of(clip_name)
     files = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths]
-    blob = json.dumps([clip_loader.sha256_of(vqgan_path), clip_id, image_size, files])
+    blob = json.dumps([vqgan_sha256, clip_id, image_size, files])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -693,7 +697,9 @@ def train_prior(args, paths, rank, world, device):
     # The cache: built once by rank 0, read by every rank. Encoding is the expensive part of stage 2's set-up
     # (a VQGAN and a CLIP forward per image); training then reads tokens and embeddings from memory, so the
     # prior's steps never touch image files, and the frozen models run only for the embedding loss and grids.
-    key = cache_key(paths, vqgan_path, args.clip, args.image_size)
+    # Hashed once: the key below and every checkpoint name this exact VQGAN (the file is large at paper scale).
+    vqgan_sha256 = clip_loader.sha256_of(vqgan_path)
+    key = cache_key(paths, vqgan_sha256, args.clip, args.image_size)
     cache_path = os.path.join(args.out, f"prior_cache_{key[:16]}.pt")
     if master and not os.path.exists(cache_path):
         print(f"encoding {len(paths)} images (and their mirror images) with the VQGAN and CLIP -> {cache_path}")
@@ -754,7 +760,7 @@ def train_prior(args, paths, rank, world, device):
     def checkpoint(step):
         obj = {"kind": "prior", "config": asdict(cfg), "model": raw_model.state_dict(),
                "optimizer": opt.state_dict(), "step": step, "rng": rng_states(device), "clip": args.clip,
-               "vqgan": os.path.abspath(vqgan_path), "vqgan_sha256": clip_loader.sha256_of(vqgan_path),
+               "vqgan": os.path.abspath(vqgan_path), "vqgan_sha256": vqgan_sha256,
                "args": vars(args)}
         if not master:
             return
@@ -766,9 +772,8 @@ def train_prior(args, paths, rank, world, device):
         with torch.no_grad(), autocast:
             images = vq.decode(samples.view(-1, side, side)).float().clamp(-1, 1).cpu()
         raw_model.train()
-        # Top row: held-out images; bottom row: the prior's samples from their CLIP embeddings.
-        save_image(torch.cat([preview, images]) * 0.5 + 0.5, os.path.join(args.out, f"prior_{step:07d}.png"),
-                   nrow=len(preview))
+        # Held-out images over the prior's samples from their CLIP embeddings.
+        save_grid(preview, images, os.path.join(args.out, f"prior_{step:07d}.png"))
 
     # Training loop. The random state is restored last, after everything above has drawn from it.
     if ckpt is not None:
