@@ -16,13 +16,11 @@ Weights are random (speed does not depend on them) and nothing is downloaded.
 import argparse
 import json
 import time
-from contextlib import nullcontext
 
 import torch
 from torchvision.models import vgg16
 
 import prior
-import train
 import vqgan
 
 # Published dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
@@ -70,7 +68,7 @@ def bench_vqgan(cfg, batch, device, fast, compile_model, warmup, iters):
     torch.manual_seed(0)
     fast = fast and device.type == "cuda"
     fmt = torch.channels_last if fast else torch.contiguous_format
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if fast else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast)
     model = vqgan.VQGAN(cfg).to(device, memory_format=fmt)
     disc = vqgan.PatchDiscriminator(cfg).to(device, memory_format=fmt)
     # Random VGG16 weights: the same FLOPs as the real perceptual loss, without a 528 MB download.
@@ -81,11 +79,22 @@ def bench_vqgan(cfg, batch, device, fast, compile_model, warmup, iters):
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device).mul(2).sub(1)
     images = images.contiguous(memory_format=fmt)
 
-    # Exactly train.py's step (both updates, adversarial loss on), so the figure is what training gets.
+    # train.py's step with the adversarial loss on: the same losses (vqgan.py), one micro-batch, no DDP.
     def step():
-        recons, _ = train.generator_step(wrapped, model, disc, perceptual, opt_g, [images], True, autocast,
-                                         check_dead_codes=False)
-        train.discriminator_step(disc, disc, opt_d, [images], recons, autocast)
+        opt_g.zero_grad(set_to_none=True)
+        disc.requires_grad_(False)
+        with autocast:
+            recon, _, codebook_loss = wrapped(images)
+            loss, _ = vqgan.generator_loss(images, recon, codebook_loss, disc(recon), model.decoder.conv_out.weight,
+                                           cfg, perceptual)
+        loss.backward()
+        opt_g.step()
+        opt_d.zero_grad(set_to_none=True)
+        disc.requires_grad_(True)
+        with autocast:
+            d_loss = vqgan.hinge_d_loss(disc(images).float(), disc(recon.detach()).float())
+        d_loss.backward()
+        opt_d.step()
     return batch / timed(step, device, warmup, iters)
 
 
@@ -102,14 +111,15 @@ def bench_prior_train(cfg, batch, device, compile_model, warmup, iters):
     model = prior.Prior(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     wrapped = torch.compile(model) if compile_model else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     tokens = torch.randint(cfg.vocab_size, (batch, cfg.n_tokens), device=device)
     emb = torch.randn(batch, cfg.clip_dim, device=device)
+    drop = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    def step():
+    def step():  # the cross-entropy step (the embedding loss runs every few steps in training)
         with autocast:
-            logits, _ = wrapped(emb, tokens[:, :-1])
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+            logits, _ = wrapped(emb, tokens[:, :-1], drop)
+            loss, _, _ = prior.clipgen_loss(logits, tokens, emb, drop)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -121,7 +131,7 @@ def bench_sampling(cfg, batch, device, use_cache, iters):
     torch.manual_seed(0)
     model = prior.Prior(cfg).to(device).eval()
     emb = torch.randn(batch, cfg.clip_dim, device=device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def run():
         with autocast:

@@ -35,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms
 
+from data import sha256_of
+
 # -----------------------------------------------------------------------------------------------------------
 # OpenAI's released checkpoints. The path segment before each file name is the file's SHA-256, which is
 # what we verify a download against.
@@ -65,14 +67,6 @@ def available_models():
 def cache_dir(download_root=None):
     """Where downloads go: the argument, else $CLIPGEN_CACHE, else ~/.cache/clipgen."""
     return download_root or os.environ.get("CLIPGEN_CACHE") or os.path.expanduser("~/.cache/clipgen")
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download(url, root, sha256):
@@ -457,12 +451,15 @@ def build_model(state_dict, dtype=torch.float32):
     return model.eval()
 
 
-def load(name_or_path, device="cpu", download_root=None, dtype=torch.float32):
+def load(name_or_path, device="cpu", jit=False, download_root=None, dtype=torch.float32):
     """Load a CLIP by name (downloaded and cached) or from a file. Returns (model, preprocess), where
     preprocess turns a PIL image into the (3, R, R) tensor `model.encode_image` expects.
 
-    Unlike OpenAI's package the weights are float32 unless you ask otherwise, on every device: use
-    `torch.autocast` for fast mixed precision rather than a silently fp16 model.
+    The signature is OpenAI's `clip.load`, so code written for it runs unchanged. `jit` is accepted and has
+    no effect: we never run a TorchScript graph (only its weights are read), so the model is always the
+    eager one, as OpenAI's jit=False gives. Unlike OpenAI's package the weights are float32 unless you ask
+    otherwise, on every device: use `torch.autocast` for fast mixed precision rather than a silently fp16
+    model.
     """
     if name_or_path in MODELS:
         sha256 = MODELS[name_or_path].split("/")[0]
@@ -605,6 +602,11 @@ def default_tokenizer():
     return Tokenizer()
 
 
+class ContextLengthError(RuntimeError, ValueError):
+    """A text longer than the context. OpenAI's `clip.tokenize` raises RuntimeError here; a ValueError is
+    what the mistake is, so this is both, and either `except` catches it."""
+
+
 def tokenize(texts, context_length=77, truncate=False):
     """A string or list of strings -> (N, context_length) LongTensor of <|startoftext|> ids <|endoftext|>,
     zero-padded. Text longer than the context raises, unless truncate=True, which cuts it and keeps the
@@ -617,7 +619,7 @@ def tokenize(texts, context_length=77, truncate=False):
         ids = [tok.sot_id] + tok.encode(text) + [tok.eot_id]
         if len(ids) > context_length:
             if not truncate:
-                raise ValueError(f"text {text[:40]!r}... is {len(ids)} tokens long, more than the context "
+                raise ContextLengthError(f"text {text[:40]!r}... is {len(ids)} tokens long, more than the context "
                                  f"length {context_length}; shorten it or pass truncate=True")
             ids = ids[:context_length - 1] + [tok.eot_id]
         result[row, :len(ids)] = torch.tensor(ids)
@@ -634,8 +636,12 @@ if __name__ == "__main__":
     parser.add_argument("image")
     parser.add_argument("texts", nargs="+")
     args = parser.parse_args()
-    model, preprocess = load(args.model)
+    try:  # any failure (unknown name, offline, a bad file) is one line, not a traceback
+        model, preprocess = load(args.model)
+        image = preprocess(Image.open(args.image)).unsqueeze(0)
+    except (ValueError, RuntimeError, OSError) as e:  # PIL's UnidentifiedImageError is an OSError
+        sys.exit(f"error: {e}")
     with torch.no_grad():
-        logits, _ = model(preprocess(Image.open(args.image)).unsqueeze(0), tokenize(args.texts, truncate=True))
+        logits, _ = model(image, tokenize(args.texts, truncate=True))
     for text, p in zip(args.texts, logits.softmax(dim=-1)[0].tolist()):
         print(f"{p:7.2%}  {text}")

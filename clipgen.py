@@ -16,13 +16,13 @@ reranking DALL-E and CLIP-GEN both use).
 import math
 import os
 import warnings
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 import clip_loader
+import data
 import prior
 import vqgan
 
@@ -32,7 +32,7 @@ class CLIPGen:
 
     def __init__(self, vqgan_model, prior_model, clip_model, device):
         self.vqgan, self.prior, self.clip, self.device = vqgan_model, prior_model, clip_model, device
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     @classmethod
     def from_checkpoint(cls, run, clip=None, device=None):
@@ -43,7 +43,7 @@ class CLIPGen:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         prior_model, ckpt = prior.load_prior(prior_path, device)
         vqgan_model, _ = vqgan.load_vqgan(vqgan_path, device)
-        if clip_loader.sha256_of(vqgan_path) != ckpt["vqgan_sha256"]:
+        if data.sha256_of(vqgan_path) != ckpt["vqgan_sha256"]:
             warnings.warn(f"{vqgan_path} is not the VQGAN {prior_path} was trained with "
                           f"({ckpt['vqgan']}); images will not match what the prior meant")
         clip_model, _ = clip_loader.load(clip or ckpt["clip"], device=device)
@@ -160,11 +160,11 @@ class CLIPGen:
         Both use whichever CLIP is loaded, so they compare runs that use the same CLIP; they are not
         comparable with published Inception-based FID numbers. `results`: the output of an earlier
         `generate(prompts, ...)` to score instead of generating anew."""
-        from train import find_images, open_rgb, readable_images
+        real_paths, _ = data.readable_images(data.find_images(real_images_dir))
         if results is None:
             results = self.generate(prompts, n=n, keep=keep, seed=seed, **sampling)
         fake_features = self.embed_pil([im for per_prompt in results for im, _ in per_prompt])
-        real_features = self.embed_pil([open_rgb(p) for p in readable_images(find_images(real_images_dir))])
+        real_features = self.embed_pil([data.open_rgb(p) for p in real_paths])
         scores = [score for per_prompt in results for _, score in per_prompt]
         return {"clip_score": sum(scores) / len(scores), "frechet_distance": frechet_distance(fake_features, real_features),
                 "n_generated": len(scores), "n_real": len(real_features)}
@@ -174,7 +174,11 @@ def frechet_distance(a, b):
     """Frechet distance between Gaussians fitted to two feature sets (N, D) and (M, D):
     |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the formula of FID (Heusel et al. 2017). The
     trace of the matrix square root is computed as the sum of sqrt-eigenvalues of S_a^(1/2) S_b S_a^(1/2),
-    which is symmetric, so no SciPy is needed."""
+    which is symmetric, so no SciPy is needed. A covariance needs at least 2 rows per side, and is only a
+    rough estimate with fewer rows than dimensions: compare runs at equal N."""
+    if min(len(a), len(b)) < 2:
+        raise ValueError(f"the Frechet distance needs at least 2 images per side (got {len(a)} generated and "
+                         f"{len(b)} real); use more real images or more prompts")
     a, b = a.double().cpu(), b.double().cpu()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)  # (D, D)

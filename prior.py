@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip_loader
-import vqgan
+import data
 
 
 @dataclass
@@ -218,7 +218,7 @@ def pseudo_text_embedding(embeddings, alpha, noise=None):
 
 
 def embedding_reconstruction_loss(logits, target_embeddings, vqgan_model, clip_model, tau=1.0, hard=False):
-    """CLIP-GEN eq. (2): 1 - cos(CLIP(decode(tokens)), e), made differentiable.
+    """CLIP-GEN eq. (2), per image: 1 - cos(CLIP(decode(tokens)), e), made differentiable. -> (B,)
 
     logits: (B, n_tokens, K) teacher-forced prior logits. A Gumbel-softmax sample (Jang et al. 2017) of each
     position is a point on the simplex (one-hot in the forward pass with hard=True, with the soft sample's
@@ -229,13 +229,33 @@ def embedding_reconstruction_loss(logits, target_embeddings, vqgan_model, clip_m
     images = vqgan_model.decode_soft(probs)  # (B, 3, H, W), roughly in [-1, 1]
     clip_input = clip_loader.preprocess_tensor(images, clip_model.arch.image_resolution)
     predicted = clip_model.encode_image(clip_input).float()  # (B, clip_dim)
-    return (1 - F.cosine_similarity(predicted, target_embeddings.float(), dim=-1)).mean()
+    return 1 - F.cosine_similarity(predicted, target_embeddings.float(), dim=-1)
+
+
+def clipgen_loss(logits, tokens, embeddings, drop, embed_weight=0.0, embed_rows=0, vqgan_model=None,
+                 clip_model=None, tau=1.0, hard=False):
+    """CLIP-GEN eq. (3): L = cross-entropy(tokens) + lambda * L_embed. -> (loss, ce, embed)
+
+    logits (B, n_tokens, K) from forward(condition, tokens[:, :-1], drop); tokens (B, n_tokens); embeddings
+    (B, clip_dim), the images' true CLIP embeddings (the target even when the condition was a pseudo-text
+    embedding: the image is what it is). The embedding loss (eq. 2) decodes images and runs CLIP, several
+    times the cost of the GPT step, so it is computed on the first `embed_rows` rows only (0: skipped), and
+    only over rows that kept their condition: a row given the null condition is the unconditional model,
+    which must not be asked to reproduce one particular image. `embed` is the mean over those rows."""
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())
+    embed = torch.zeros((), device=logits.device)
+    if embed_weight > 0 and embed_rows > 0:
+        k = embed_rows
+        per_row = embedding_reconstruction_loss(logits[:k], embeddings[:k], vqgan_model, clip_model, tau, hard)
+        kept = (~drop[:k]).float()  # (k,); a mask, not an index, so no wait for the GPU
+        embed = (per_row * kept).sum() / kept.sum().clamp_min(1)
+    return ce + embed_weight * embed, ce, embed
 
 
 def load_prior(path, device="cpu"):
     """A Prior rebuilt from its self-describing checkpoint (written by train.py), in eval mode, and the
     checkpoint dict (which names the CLIP and VQGAN it was trained with)."""
-    ckpt = vqgan.load_checkpoint(path, "prior")
+    ckpt = data.load_checkpoint(path, "prior")
     model = Prior(PriorConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

@@ -7,8 +7,8 @@ sample.py: text to image from the shell, with a run trained by train.py.
     python sample.py --image photo.jpg                        # variations of an image
     python sample.py "a dog" --eval-real val_imgs/            # CLIP score and CLIP-feature Frechet distance
 
-Writes each kept image and one grid per prompt (a row per prompt) to --out, named after the prompt and seed,
-and prints their paths with their CLIP scores (100 x cosine similarity of image and prompt).
+Writes each kept image, named after its prompt and the seed, and one grid of them all (a row per prompt) to
+--out, and prints their paths with their CLIP scores (100 x cosine similarity of image and prompt).
 """
 import argparse
 import os
@@ -19,15 +19,18 @@ import warnings
 
 import numpy as np
 import torch
+from PIL import UnidentifiedImageError
 from torchvision.utils import save_image
+
+import data
+from clipgen import CLIPGen
 
 
 # Exit codes: 2 for a bad command line (argparse's convention, also used for our own checks of the
 # arguments: an empty prompt, a missing --image file), 1 for a run that can not be loaded or read.
 
 
-def parse_args(argv=None):
-    """The command line, checked before any model is loaded, so a typo costs a second, not a model load."""
+def build_parser():
     p = argparse.ArgumentParser(description="Generate images from text with a trained CLIP-GEN run.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("prompts", nargs="*", help="one or more prompts")
@@ -47,12 +50,21 @@ def parse_args(argv=None):
     p.add_argument("--clip", default=None, help="CLIP name or path (default: the one the prior was trained with)")
     p.add_argument("--device", default=None, help="'cpu' or 'cuda' (default: CUDA if available)")
     p.add_argument("--eval-real", metavar="DIR", help="also print CLIP score and Frechet distance to these images")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line, checked before any model is loaded, so a typo costs a second, not a model load."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.prompts_file:
         if not os.path.isfile(args.prompts_file):
             p.error(f"--prompts: no such file {args.prompts_file!r}")
-        with open(args.prompts_file, encoding="utf-8") as f:
-            args.prompts += [line.strip() for line in f if line.strip()]
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                args.prompts += [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError:
+            p.error(f"--prompts: {args.prompts_file!r} is not UTF-8 text; save it as UTF-8")
     if args.image and not os.path.isfile(args.image):
         p.error(f"--image: no such file {args.image!r}")
     if args.image and args.prompts:
@@ -67,6 +79,12 @@ def parse_args(argv=None):
         p.error(f"--eval-real: {args.eval_real!r} is not a folder")
     if not 1 <= args.keep <= args.n:
         p.error(f"--keep must be between 1 and --n ({args.n})")
+    if args.batch_size < 1 or args.temperature < 0:
+        p.error("--batch-size must be at least 1 and --temperature at least 0")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device {args.device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out!r} is a file; name a folder for the images")
     if args.top_k is not None and args.top_k < 1 or args.top_p is not None and not 0 < args.top_p <= 1:
         p.error("--top-k must be at least 1 and --top-p in (0, 1]")
     return args
@@ -77,14 +95,21 @@ def slug(text, limit=40):
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:limit] or "prompt"
 
 
+def unique_names(names):
+    """Number repeated names ('x', 'x' -> 'x', 'x_2'), so two prompts never write to the same files."""
+    used, result = set(), []
+    for name in names:
+        candidate, k = name, 1
+        while candidate in used:
+            k += 1
+            candidate = f"{name}_{k}"
+        used.add(candidate)
+        result.append(candidate)
+    return result
+
+
 def main(argv=None):
     args = parse_args(argv)
-    from PIL import UnidentifiedImageError
-
-    # Imported here, after the arguments are checked: torch and the models take seconds to import.
-    from clipgen import CLIPGen
-    from train import open_rgb
-
     if not (os.path.isfile(os.path.join(args.run, "prior.pt")) and os.path.isfile(os.path.join(args.run, "vqgan.pt"))):
         sys.exit(f"error: no trained run in {args.run!r} (it needs vqgan.pt and prior.pt). Train one with\n"
                  f"  python train.py --data path/to/images --out {args.run}\nor point --run at one.")
@@ -109,13 +134,13 @@ def main(argv=None):
                     guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=progress)
     if args.image:
         try:
-            image = open_rgb(args.image)
+            image = data.open_rgb(args.image)
         except (OSError, UnidentifiedImageError) as e:
             sys.exit(f"error: could not read --image {args.image!r}: {e}")
         names, results = [f"variations_{slug(os.path.splitext(os.path.basename(args.image))[0])}"], \
             [gen.variations(image, **sampling)]
     else:
-        names, results = [slug(p) for p in args.prompts], gen.generate(args.prompts, **sampling)
+        names, results = unique_names([slug(p) for p in args.prompts]), gen.generate(args.prompts, **sampling)
 
     # File names carry the prompt and seed, so the same command writes the same files with the same bytes,
     # and another seed never overwrites them.
@@ -135,10 +160,14 @@ def main(argv=None):
 
     # Evaluation scores the images just written (no second round of sampling).
     if args.eval_real:
-        metrics = gen.evaluate(args.prompts, args.eval_real, results=results)
+        try:
+            metrics = gen.evaluate(args.prompts, args.eval_real, results=results)
+        except ValueError as e:  # too few images for a Frechet distance, or none readable
+            sys.exit(f"error: --eval-real: {e}")
         print(f"evaluation with {args.clip or 'the training CLIP'} ({metrics['n_generated']} generated, "
               f"{metrics['n_real']} real images): CLIP score {metrics['clip_score']:.2f}, "
               f"CLIP-feature Frechet distance {metrics['frechet_distance']:.4f}")
+
 
 if __name__ == "__main__":
     main()

@@ -15,13 +15,14 @@ re-initialised from recent encoder outputs.
     python train.py --data imgs/ --stage vqgan            # trains this model
 """
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+import data
 
 
 @dataclass
@@ -343,6 +344,27 @@ def adaptive_gan_weight(rec_loss, gan_loss, last_layer):
     return (rec_grad.norm() / (gan_grad.norm() + 1e-4)).clamp(0, 1e4).detach()
 
 
+def generator_loss(images, recon, codebook_loss, fake_logits, last_layer, cfg, perceptual=None):
+    """The objective of the encoder, codebook and decoder (taming eq. 4-6):
+
+        L = |x - x_hat|_1 + w_p * d_VGG(x, x_hat) + L_codebook + lambda * gan_weight * (-mean D(x_hat))
+
+    with lambda the adaptive weight of eq. 7 and -mean D(x_hat) the hinge loss's generator side.
+    fake_logits: D(x_hat) from a frozen discriminator, or None before --disc-start (no adversarial term).
+    Returns the loss and a dict of its detached parts for logging."""
+    rec_loss = (recon.float() - images.float()).abs().mean()
+    if perceptual is not None:
+        rec_loss = rec_loss + cfg.perceptual_weight * perceptual(recon.float(), images.float())
+    zero = torch.zeros((), device=images.device)
+    gan_loss, weight = zero, zero
+    if fake_logits is not None:
+        gan_loss = -fake_logits.float().mean()
+        weight = cfg.gan_weight * adaptive_gan_weight(rec_loss, gan_loss, last_layer)
+    loss = rec_loss + weight * gan_loss + codebook_loss
+    parts = {"loss": loss, "rec": rec_loss, "codebook": codebook_loss, "gan": gan_loss, "gan_weight": weight}
+    return loss, {k: v.detach() for k, v in parts.items()}
+
+
 def psnr(reconstruction, images):
     """Peak signal-to-noise ratio in dB of images in [-1, 1] (so the peak-to-peak range is 2)."""
     mse = F.mse_loss(reconstruction.float().clamp(-1, 1), images.float())
@@ -350,25 +372,11 @@ def psnr(reconstruction, images):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Checkpoints (written by train.py; shared with prior.py).
-
-def load_checkpoint(path, kind):
-    """torch.load with weights_only=True (a checkpoint can never run code), and clear errors for a missing,
-    unreadable or wrong kind of file. `kind` is "vqgan" or "prior"."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {kind} checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated zip, not a torch file, a pickle with code in it...
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated") from None
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
-        raise ValueError(f"{path} is not a {kind} checkpoint written by train.py")
-    return ckpt
-
+# Checkpoints, written by train.py.
 
 def load_vqgan(path, device="cpu"):
     """A VQGAN rebuilt from its self-describing checkpoint, in eval mode, and the checkpoint dict."""
-    ckpt = load_checkpoint(path, "vqgan")
+    ckpt = data.load_checkpoint(path, "vqgan")
     model = VQGAN(VQGANConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
