@@ -1197,3 +1197,156 @@ def test_bench_flop_count_matches_the_model():
         T = cfg.n_prefix + cfg.n_tokens
         estimate = (bench.prior_flops_per_token(cfg) - 12 * cfg.n_layer * cfg.n_embd * T) / 6
         assert estimate == pytest.approx(real, rel=1e-3)
+
+
+# ===========================================================================================================
+# The shape of the project: import layering and the README's flag tables
+
+# Each module may import only modules on a lower level: files at the bottom, then the models, the prior (which
+# needs the VQGAN's and CLIP's outputs, not their code), the generator, and the scripts on top.
+LEVELS = {"data": 0, "clip_loader": 1, "vqgan": 1, "prior": 2, "clipgen": 3, "train": 4, "sample": 4, "bench": 4}
+
+
+def test_imports_run_one_way():
+    import ast
+    for module, level in LEVELS.items():
+        tree = ast.parse(open(os.path.join(REPO, module + ".py")).read())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names} | \
+                   {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        for other in imported & set(LEVELS):
+            assert LEVELS[other] < level, f"{module}.py imports {other}.py"
+
+
+def readme_flag_rows(parser):
+    """The README table rows for a parser: `| flag (choices) | default | help |`, in --help's order."""
+    rows = []
+    for a in parser._actions:
+        if "--help" in a.option_strings:
+            continue
+        name = f"`{a.option_strings[-1]}`" if a.option_strings else "`PROMPT ...`"
+        if a.choices:
+            name += f" ({'/'.join(a.choices)})"
+        if not a.option_strings or a.default is None or a.default is False:
+            default = "required" if a.required and a.option_strings else ""
+        else:
+            default = f"`{a.default}`"
+        rows.append(f"| {name} | {default} | {(a.help or '').replace('%%', '%')} |")
+    return rows
+
+
+@pytest.mark.parametrize("script", [train, sample])
+def test_readme_flag_tables_match_help(script):
+    readme = open(os.path.join(REPO, "README.md")).read()
+    section = readme.split(f"(`{script.__name__}.py`)\n", 1)[1].split("\n## ", 1)[0]
+    table = [line.replace("`", "").strip() for line in section.splitlines() if line.startswith("| `")]
+    expected = [row.replace("`", "") for row in readme_flag_rows(script.build_parser())]
+    assert table == expected
+
+
+def test_refused_resumes_name_the_flag_and_change_nothing(scale_setup, capsys):
+    root, common = scale_setup
+    out = root / "refuse"
+    args = [*common, "--stage", "vqgan", "--vqgan-steps", "2", "--batch-size", "4", "--log-every", "2",
+            "--save-every", "2", "--out", str(out)]
+    train.main(args)
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for extra, flag in ((["--preset", "paper"], "--preset paper"), (["--image-size", "48"], "--image-size gives"),
+                        (["--seed", "1"], "--seed 1"), (["--batch-size", "2"], "global batch of 4")):
+        with pytest.raises(SystemExit) as e:
+            train.main([*args, "--vqgan-steps", "4", "--resume", *extra])
+        assert str(e.value.code).startswith("error: ") and flag in str(e.value.code), e.value.code
+    # Every checkpoint unreadable: refused, not overwritten by a run from step 0.
+    for p in files:
+        if p.suffix == ".pt":
+            p.write_bytes(b"garbage")
+    garbage = {p: p.read_bytes() for p in files}
+    with pytest.raises(SystemExit, match="none of the 2 vqgan checkpoint"):
+        train.main([*args, "--vqgan-steps", "4", "--resume"])
+    assert {p: p.read_bytes() for p in files} == garbage
+    # Nothing to resume: said, then trained from step 0.
+    capsys.readouterr()
+    train.main([*args[:-1], str(root / "fresh"), "--resume"])
+    assert "no vqgan checkpoint in" in capsys.readouterr().out
+
+
+def test_stage_two_takes_its_image_size_from_the_vqgan(scale_setup, capsys):
+    root, common = scale_setup
+    out = str(root / "size48")
+    args = [*common, "--batch-size", "4", "--log-every", "2", "--save-every", "2", "--out", out]
+    train.main([*args, "--stage", "vqgan", "--vqgan-steps", "2", "--image-size", "48"])
+    with pytest.raises(SystemExit, match="--image-size 32 but .* trained at 48 px"):
+        train.main([*args, "--stage", "prior", "--prior-steps", "2", "--image-size", "32"])
+    train.main([*args, "--stage", "prior", "--prior-steps", "2", "--embed-loss-weight", "0"])
+    assert prior.load_prior(os.path.join(out, "prior.pt"))[0].cfg.n_tokens == 12 * 12  # 48 px / 4
+    assert Image.open(os.path.join(out, "prior_0000002.png")).size[0] == 2 * 48 + 3 * 2  # 2 held-out images
+
+
+def test_scripts_refuse_bad_arguments(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for argv, message in ((["--image-size", "0"], "--image-size must be a positive multiple"),
+                          (["--vqgan-lr", "-1"], "--vqgan-lr must be positive"),
+                          (["--workers", "-1"], "--workers must not be negative"),
+                          (["--device", "gpu"], "--device 'gpu'"),
+                          (["--out", str(tmp_path / "file")], "is a file")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(["--data", str(tmp_path), *argv])
+        assert e.value.code == 2
+    for argv in (["x", "--batch-size", "0"], ["x", "--temperature", "-1"], ["x", "--out", str(tmp_path / "file")]):
+        with pytest.raises(SystemExit) as e:
+            sample.parse_args(argv)
+        assert e.value.code == 2
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    r = run_script("sample.py", "--prompts", str(tmp_path / "latin1.txt"))
+    assert r.returncode == 2 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr
+    assert sample.unique_names(["a", "b", "a", "a_2", "a"]) == ["a", "b", "a_2", "a_2_2", "a_3"]
+
+
+def test_clip_loader_cli_errors_are_one_line(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    for argv in (["ViT-Z/99", "x.jpg", "a dog"], [str(tmp_path / "notes.txt"), "x.jpg", "a dog"]):
+        r = run_script("clip_loader.py", *argv)
+        assert r.returncode == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+
+
+def test_symlink_loops_are_walked_once(tmp_path):
+    write_image_folder(tmp_path / "imgs", n=3)
+    os.symlink(tmp_path / "imgs", tmp_path / "imgs" / "loop")
+    assert len(data.find_images(str(tmp_path / "imgs"))) == 6  # 3 + gray, rgba, corrupt; nothing via the loop
+
+
+# ===========================================================================================================
+# Regenerating the golden values: `python test_clipgen.py` recomputes GOLDEN_TOKENS and GOLDEN_EMBEDDINGS
+# with OpenAI's reference package (pip install --no-deps --target /tmp/ref openai-clip tqdm, then
+# PYTHONPATH=/tmp/ref python test_clipgen.py) and prints them; `--ours` computes them with clip_loader.
+
+
+def golden_values(use_openai):
+    if use_openai:
+        import clip
+        import clip.model
+        clip.model.convert_weights = lambda model: None  # keep float32: the golden values are fp32 numbers
+        tokenize, build = clip.tokenize, lambda sd: clip.model.build_model(sd).eval()
+    else:
+        tokenize, build = clip_loader.tokenize, clip_loader.build_model
+    tokens = []
+    for text, _ in GOLDEN_TOKENS:
+        ids = tokenize(text)[0].tolist()
+        while ids[-1] == 0:  # zero padding after <|endoftext|>
+            ids.pop()
+        tokens.append((text, ids))
+    embeddings = {}
+    for name, arch in ARCHS.items():
+        model = build(random_openai_state_dict(arch))
+        R = arch["image_resolution"]
+        image = torch.randn(1, 3, R, R, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            embeddings[name] = (model.encode_image(image)[0, :4].tolist(),
+                                model.encode_text(tokenize("a dog"))[0, :4].tolist())
+    return tokens, embeddings
+
+
+if __name__ == "__main__":
+    tokens, embeddings = golden_values(use_openai="--ours" not in sys.argv)
+    print("GOLDEN_TOKENS = [\n" + "".join(f"    ({t!r}, {ids}),\n" for t, ids in tokens) + "]")
+    print("GOLDEN_EMBEDDINGS = " + json.dumps(embeddings, indent=4))
