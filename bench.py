@@ -141,7 +141,7 @@ def bench_sampling(cfg, batch, device, use_cache, iters):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", choices=["paper", "tiny"], default=None, help="model size (default: paper on CUDA, tiny on CPU)")
+    p.add_argument("--size", choices=sorted(vqgan.PRESETS), default=None, help="model size (default: paper on CUDA, tiny on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--vqgan-batch", type=int, default=None, help="images per VQGAN step (default: 8 paper, 4 tiny)")
     p.add_argument("--prior-batch", type=int, default=None, help="sequences per prior step (default: 32 paper, 8 tiny)")

@@ -32,11 +32,13 @@ class PriorConfig:
     clip_dim: int = 512  # CLIP embedding size (ViT-B/32: 512, ViT-L/14: 768)
     n_prefix: int = 1  # CLIP-GEN turns the embedding into this many prefix tokens
     adaln: bool = False  # also modulate every block's LayerNorms with the embedding (CLIP-VQDiffusion)
+    remove_mean: bool = False  # project the training images' mean embedding out of every condition (ours)
     dropout: float = 0.0
 
 
 PRESETS = {
     "paper": PriorConfig(),
+    "small": PriorConfig(n_layer=4, n_head=4, n_embd=128),  # enough for letter x colour x position
     "tiny": PriorConfig(n_layer=2, n_head=2, n_embd=64),
 }
 
@@ -100,6 +102,8 @@ class Prior(nn.Module):
         self.cond_proj = nn.Linear(cfg.clip_dim, cfg.n_prefix * C)
         # The "no condition" input for classifier-free guidance: a learned stand-in for the embedding.
         self.null_embedding = nn.Parameter(torch.randn(cfg.clip_dim) / cfg.clip_dim ** 0.5)
+        # Unit mean of the training images' embeddings (set once by train.py; saved with the weights).
+        self.register_buffer("embedding_mean", torch.zeros(cfg.clip_dim))
         self.tok_emb = nn.Embedding(cfg.vocab_size, C)
         self.pos_emb = nn.Parameter(torch.zeros(cfg.n_prefix + cfg.n_tokens, C))
         self.cond_vec = nn.Linear(cfg.clip_dim, C) if cfg.adaln else None
@@ -121,8 +125,17 @@ class Prior(nn.Module):
 
     def condition(self, embeddings, drop=None):
         """(B, clip_dim) CLIP embeddings -> the unit-norm condition; rows where `drop` is True get the
-        learned null embedding instead (classifier-free guidance)."""
+        learned null embedding instead (classifier-free guidance).
+
+        With remove_mean, the component along the training images' mean embedding is projected out first.
+        CLIP's image embeddings share a large constant offset that its text embeddings lack (the modality
+        gap, Liang et al. 2022); trained on image embeddings alone, the prior would learn to expect that
+        offset and meet text embeddings without it. The mean of the image embeddings points mostly along
+        the offset, so removing it maps images and texts of the same content to nearby conditions."""
         e = F.normalize(embeddings.float(), dim=-1)
+        if self.cfg.remove_mean:
+            m = F.normalize(self.embedding_mean.float(), dim=0)
+            e = F.normalize(e - (e @ m).unsqueeze(1) * m, dim=-1)
         if drop is None:
             drop = torch.zeros(e.shape[0], dtype=torch.bool, device=e.device)
         # torch.where keeps the null embedding in the graph even when no row is dropped (DDP needs that).

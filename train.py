@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
@@ -43,6 +44,23 @@ import vqgan
 
 # -----------------------------------------------------------------------------------------------------------
 # Command line. Every default lives here, once, next to its help text (shown by --help and in the README).
+
+# Each preset's training recipe: what a flag left out means with that preset (model sizes are in
+# vqgan.PRESETS and prior.PRESETS). "paper" follows taming and CLIP-GEN; "small" is measured on the toy world
+# (README) to train both stages on 3,000 64-px images in under 30 minutes on 2 CPU cores; "tiny" checks the
+# plumbing in minutes.
+RECIPES = {
+    "paper": dict(batch_size=8, vqgan_steps=100_000, vqgan_lr=1e-4, disc_start=10_000, prior_steps=100_000,
+                  prior_lr=3e-4, perceptual="vgg"),
+    "small": dict(batch_size=16, vqgan_steps=1200, vqgan_lr=5e-4, disc_start=100_000, prior_steps=2500,
+                  prior_lr=1e-3, perceptual="none"),
+    "tiny": dict(batch_size=8, vqgan_steps=2000, vqgan_lr=5e-4, disc_start=1000, prior_steps=2000, prior_lr=1e-3,
+                 perceptual="none"),
+}
+
+
+def recipe_help(text, name):
+    return f"{text} (default: the preset's; " + ", ".join(f"{p} {r[name]}" for p, r in RECIPES.items()) + ")"
 
 
 def build_parser():
@@ -56,26 +74,32 @@ def build_parser():
                    help="model sizes of both stages: 'paper' is CLIP-GEN's, 'tiny' trains on a CPU in minutes")
     p.add_argument("--image-size", type=int, default=None,
                    help="stage-1 training resolution (default: the preset's); stage 2 uses vqgan.pt's")
-    p.add_argument("--batch-size", type=int, default=8, help="images per process per step (both stages)")
+    p.add_argument("--batch-size", type=int, help=recipe_help("images per process per step (both stages)", "batch_size"))
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step; global batch = batch size x this x processes")
     p.add_argument("--resume", action="store_true",
                    help="continue exactly where the run in --out stopped (weights, optimizers, step, data "
                         "position, random state)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train from step 0 even though --out holds checkpoints of the stages to train (they are "
+                        "replaced); without it, or --resume, such a run is refused")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="step checkpoints kept in OUT/checkpoints")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (faster on GPU after a warm-up)")
     g = p.add_argument_group("stage 1: VQGAN")
-    g.add_argument("--vqgan-steps", type=int, default=100_000, help="optimizer steps of stage 1")
-    g.add_argument("--vqgan-lr", type=float, default=1e-4, help="Adam learning rate of the VQGAN and discriminator")
-    g.add_argument("--disc-start", type=int, default=10_000,
-                   help="step at which the adversarial loss and discriminator training start (taming's "
-                        "disc_start): the GAN only helps once reconstructions are roughly right")
-    g.add_argument("--perceptual", default="vgg", choices=["vgg", "none"],
-                   help="perceptual loss network; 'vgg' downloads torchvision's VGG16 weights once")
+    g.add_argument("--vqgan-steps", type=int, help=recipe_help("optimizer steps of stage 1", "vqgan_steps"))
+    g.add_argument("--vqgan-lr", type=float,
+                   help=recipe_help("Adam learning rate of the VQGAN and discriminator", "vqgan_lr"))
+    g.add_argument("--disc-start", type=int,
+                   help=recipe_help("step at which the adversarial loss and discriminator training start (taming's "
+                                    "disc_start): the GAN only helps once reconstructions are roughly right",
+                                    "disc_start"))
+    g.add_argument("--perceptual", choices=["vgg", "none"],
+                   help=recipe_help("perceptual loss network; 'vgg' downloads torchvision's VGG16 weights once",
+                                    "perceptual"))
     g = p.add_argument_group("stage 2: prior")
     g.add_argument("--clip", default="ViT-B/32", help="CLIP model name or checkpoint path (see clip_loader.py)")
-    g.add_argument("--prior-steps", type=int, default=100_000, help="optimizer steps of stage 2")
-    g.add_argument("--prior-lr", type=float, default=3e-4, help="peak AdamW learning rate of the prior")
+    g.add_argument("--prior-steps", type=int, help=recipe_help("optimizer steps of stage 2", "prior_steps"))
+    g.add_argument("--prior-lr", type=float, help=recipe_help("peak AdamW learning rate of the prior", "prior_lr"))
     g.add_argument("--warmup", type=int, default=None,
                    help="linear warm-up steps, then cosine decay to 10%% (default: 1000, or a tenth of "
                         "--prior-steps if that is less)")
@@ -93,6 +117,9 @@ def build_parser():
     g.add_argument("--cond-drop", type=float, default=0.1,
                    help="probability of training with the null condition, for classifier-free guidance")
     g.add_argument("--adaln", action="store_true", help="adaptive-LayerNorm conditioning in every block")
+    g.add_argument("--remove-mean", action="store_true",
+                   help="project the training images' mean CLIP embedding out of every condition, which bridges "
+                        "CLIP's image-text modality gap (ours; see the README's toy-world table)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="random seed of data order, augmentation and initialisation")
     g.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
@@ -106,6 +133,9 @@ def parse_args(argv=None):
     """The command line, checked whole before anything expensive starts."""
     p = build_parser()
     args = p.parse_args(argv)
+    for name, value in RECIPES[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.warmup is None:
         args.warmup = min(1000, max(1, args.prior_steps // 10))
     for name in ("batch_size", "grad_accum", "keep_checkpoints", "vqgan_steps", "prior_steps", "log_every",
@@ -127,6 +157,15 @@ def parse_args(argv=None):
         p.error(f"--device {args.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out!r} is a file; name a folder for the run")
+    stages = {"all": ("vqgan", "prior"), "vqgan": ("vqgan",), "prior": ("prior",)}[args.stage]
+    trained = [f"{k}.pt" for k in stages if os.path.exists(os.path.join(args.out, f"{k}.pt"))]
+    if trained and not (args.resume or args.overwrite):
+        p.error(f"--out {args.out!r} already holds {' and '.join(trained)}; continue that run with --resume, train "
+                f"into another --out, or pass --overwrite to replace it")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the run in --out and --overwrite replaces it: give one")
+    if "prior" in stages and args.clip not in clip_loader.MODELS and not os.path.isfile(args.clip):
+        p.error(f"--clip {args.clip!r} is neither a model name ({', '.join(clip_loader.MODELS)}) nor a file")
     return args
 
 
@@ -308,12 +347,16 @@ def cache_key(paths, vqgan_sha256, clip_name, image_size):
 
 
 @torch.no_grad()
-def build_cache(paths, vq, clip_model, batch_size, device):
+def build_cache(paths, vq, clip_model, batch_size, device, stop):
     """Encode every image (center crop, and its mirror image) once: VQGAN token ids (2N, n_tokens) and
-    CLIP image embeddings (2N, clip_dim). Row 2i is image i, row 2i + 1 its horizontal flip."""
+    CLIP image embeddings (2N, clip_dim). Row 2i is image i, row 2i + 1 its horizontal flip. A signal
+    (`stop`) ends the build between batches; nothing is written, and the next run builds it again."""
     dataset = data.ImageFolder(paths, vq.cfg.image_size)
     tokens, embeddings = [], []
     for i in range(0, len(dataset), batch_size):
+        if stop.signal is not None:
+            print(f"stopped by signal {stop.signal} while encoding images for stage 2; no cache written")
+            sys.exit(128 + stop.signal)
         x = torch.stack([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]).to(device)
         x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)  # (b, 3, S, S) -> (2b, 3, S, S), interleaved
         tokens.append(vq.encode(x).flatten(1).to(torch.int32).cpu())  # (2b, h*w)
@@ -388,11 +431,12 @@ def train_prior(args, paths, proc):
     # prior's steps never touch image files, and the frozen models run only for the embedding loss and grids.
     # vqgan.pt is hashed once here: the cache key and every checkpoint name this exact VQGAN.
     vqgan_sha256 = data.sha256_of(vqgan_path)
+    stop = GracefulStop()  # from here on: a signal during the cache build must not wait for the whole build
     key = cache_key(paths, vqgan_sha256, args.clip, vq.cfg.image_size)
     cache_path = os.path.join(args.out, f"prior_cache_{key[:16]}.pt")
     if proc.master and not os.path.exists(cache_path):
         print(f"encoding {len(paths)} images (and their mirror images) with the VQGAN and CLIP -> {cache_path}")
-        tokens, embeddings = build_cache(paths, vq, clip_model, args.batch_size, proc.device)
+        tokens, embeddings = build_cache(paths, vq, clip_model, args.batch_size, proc.device, stop)
         data.save_checkpoint({"key": key, "tokens": tokens, "embeddings": embeddings, "paths": paths}, cache_path)
     elif proc.master:
         print(f"using cached tokens and embeddings {cache_path}")
@@ -415,7 +459,7 @@ def train_prior(args, paths, proc):
 
     # The prior's vocabulary, sequence length and condition size are read off the VQGAN and CLIP actually used.
     cfg = replace(prior.PRESETS[args.preset], vocab_size=vq.cfg.codebook_size, n_tokens=tokens.shape[1],
-                  clip_dim=embeddings.shape[1], adaln=args.adaln)
+                  clip_dim=embeddings.shape[1], adaln=args.adaln, remove_mean=args.remove_mean)
     ckpt, ckpt_path = latest_checkpoint(args, "prior", proc)
     if ckpt is not None:
         if ckpt["vqgan_sha256"] != vqgan_sha256:
@@ -427,6 +471,7 @@ def train_prior(args, paths, proc):
     if start >= args.prior_steps:
         return
     raw_model = prior.Prior(cfg).to(proc.device)
+    raw_model.embedding_mean.copy_(F.normalize(embeddings, dim=-1).mean(0))  # used only with --remove-mean
     # Weight decay on matrices only; biases, norms and vectors are left alone (as in nanoGPT).
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]
     no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
@@ -450,7 +495,7 @@ def train_prior(args, paths, proc):
     embed_loss = torch.zeros((), device=proc.device)
     if ckpt is not None:
         embed_loss.fill_(restore_process_state(ckpt["rng"], proc).get("embed", 0.0))
-    stop, guard, meter = GracefulStop(), NonFiniteGuard(proc.device, last_good=ckpt_path), Meter(start)
+    guard, meter = NonFiniteGuard(proc.device, last_good=ckpt_path), Meter(start)
     step = start
     while step < args.prior_steps:
         # The schedule is a function of the step, so a resume needs no scheduler state.
@@ -680,7 +725,7 @@ def latest_checkpoint(args, kind, proc):
 
 
 # Config fields that a flag other than --preset decides.
-FLAG_OF_FIELD = {"image_size": "--image-size", "adaln": "--adaln", "clip_dim": "--clip"}
+FLAG_OF_FIELD = {"image_size": "--image-size", "adaln": "--adaln", "clip_dim": "--clip", "remove_mean": "--remove-mean"}
 
 
 def refuse_changed_run(ckpt, ckpt_path, config, args, global_batch):

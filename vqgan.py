@@ -32,6 +32,7 @@ class VQGANConfig:
     channel_mult: tuple = (1, 1, 2, 2, 4)  # 5 levels = 4 halvings: 256 px -> 16x16 tokens
     num_res_blocks: int = 2
     attn_resolutions: tuple = (16,)  # feature-map sizes that get self-attention (only cheap ones)
+    mid_attention: bool = True  # taming's attention block in the middle of encoder and decoder (see "small")
     z_channels: int = 256  # width of the latent grid around the quantizer
     codebook_size: int = 16384
     codebook_dim: int = 32  # lookup space; ViT-VQGAN finds 32 uses codes far better than 256
@@ -51,12 +52,19 @@ class VQGANConfig:
         return self.image_size // self.downsample
 
 
-# Named configurations. "tiny" is for tests and CPU runs: 32 px images, 8x8 tokens, a 128-entry codebook.
+# Named configurations, as plain configs. "small" is for a CPU or one small GPU: 64 px images and 16x16 tokens
+# (a downsampling of 4, not 16: at this size an f=8 grid of 8x8 tokens blurs thin strokes into blobs), and no
+# attention: measured on the toy world (README), attention lets the tokenizer tie colours to the shapes it
+# saw them on, and it then recolours unseen combinations. "tiny" is for tests: 32 px, 8x8 tokens, a
+# 128-entry codebook. Training recipes per preset: train.RECIPES.
 PRESETS = {
     "paper": VQGANConfig(),
-    "tiny": VQGANConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-                        z_channels=32, codebook_size=128, codebook_dim=8, dead_code_steps=50, disc_channels=16,
-                        disc_layers=2),
+    "small": VQGANConfig(image_size=64, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                         attn_resolutions=(), mid_attention=False, z_channels=64, codebook_size=256,
+                         codebook_dim=16, dead_code_steps=100, disc_channels=32, disc_layers=2),
+    "tiny": VQGANConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+                        mid_attention=False, z_channels=32, codebook_size=128, codebook_dim=8, dead_code_steps=50,
+                        disc_channels=16, disc_layers=2),
 }
 
 
@@ -96,6 +104,10 @@ class AttnBlock(nn.Module):
         return x + self.proj(y)
 
 
+def middle_attention(cfg, channels):
+    return [AttnBlock(channels)] if cfg.mid_attention else []
+
+
 class Encoder(nn.Module):
     """(B, 3, H, W) -> (B, z_channels, H/f, W/f), f = 2^(levels-1)."""
 
@@ -113,7 +125,7 @@ class Encoder(nn.Module):
             if level < len(chans) - 1:
                 layers.append(nn.Conv2d(cout, cout, 3, stride=2, padding=1))  # halve the resolution
                 res //= 2
-        layers += [ResnetBlock(cin, cin), AttnBlock(cin), ResnetBlock(cin, cin),  # the "middle" of taming
+        layers += [ResnetBlock(cin, cin), *middle_attention(cfg, cin), ResnetBlock(cin, cin),  # taming's "middle"
                    group_norm(cin), nn.SiLU(), nn.Conv2d(cin, cfg.z_channels, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
 
@@ -128,7 +140,7 @@ class Decoder(nn.Module):
         super().__init__()
         chans = [cfg.channels * m for m in cfg.channel_mult][::-1]
         cin, res = chans[0], cfg.tokens_per_side
-        layers = [nn.Conv2d(cfg.z_channels, cin, 3, padding=1), ResnetBlock(cin, cin), AttnBlock(cin),
+        layers = [nn.Conv2d(cfg.z_channels, cin, 3, padding=1), ResnetBlock(cin, cin), *middle_attention(cfg, cin),
                   ResnetBlock(cin, cin)]
         for level, cout in enumerate(chans):
             for _ in range(cfg.num_res_blocks + 1):
