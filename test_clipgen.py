@@ -1079,11 +1079,8 @@ def test_two_processes_equal_one(scale_setup):
     assert two.returncode == 0, two.stderr
     assert "x2" in two.stdout and "global batch 8 (4 x 1 accumulation x 2 processes)" in two.stdout
     # Losses are means over the global batch, averaged over ranks: the same numbers (psnr/ppl are nonlinear).
-    # Not bit-equal: float rounding differs between the two reduction orders, and Adam turns the rounding noise
-    # of near-zero gradients into +-lr steps (see assert_same_vqgan); 0.2% covers it, another data split not.
-    numbers = lambda out: [float(x) for line in loss_lines(out) for x in re.findall(r"[-+]?\d+\.\d+", line.split("| psnr")[0])]
-    assert len(loss_lines(one.stdout)) == len(loss_lines(two.stdout)) == 4
-    assert numbers(one.stdout) == pytest.approx(numbers(two.stdout), rel=2e-3, abs=1e-4)
+    strip = lambda lines: [line.split("| psnr")[0] for line in lines]
+    assert strip(loss_lines(one.stdout)) == strip(loss_lines(two.stdout))
     assert_same_vqgan(root / "one" / "vqgan.pt", root / "two" / "vqgan.pt")
     assert_same_prior(root / "one" / "prior.pt", root / "two" / "prior.pt")
 
