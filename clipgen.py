@@ -160,11 +160,11 @@ class CLIPGen:
         Both use whichever CLIP is loaded, so they compare runs that use the same CLIP; they are not
         comparable with published Inception-based FID numbers. `results`: the output of an earlier
         `generate(prompts, ...)` to score instead of generating anew."""
-        real_paths, _ = data.readable_images(data.find_images(real_images_dir))
+        real_refs, _ = data.readable_images(real_images_dir)
         if results is None:
             results = self.generate(prompts, n=n, keep=keep, seed=seed, **sampling)
         fake_features = self.embed_pil([im for per_prompt in results for im, _ in per_prompt])
-        real_features = self.embed_pil([data.open_rgb(p) for p in real_paths])
+        real_features = self.embed_pil([data.open_rgb(r) for r in real_refs])
         scores = [score for per_prompt in results for _, score in per_prompt]
         return {"clip_score": sum(scores) / len(scores), "frechet_distance": frechet_distance(fake_features, real_features),
                 "n_generated": len(scores), "n_real": len(real_features)}

@@ -1,18 +1,24 @@
 """
-data.py: the files clipgen reads and writes, shared by training and inference: image folders (discovery,
-robust RGB loading, augmentation, the step-indexed sampler that makes runs reproducible) and checkpoints
-(atomic writes, loading that never runs pickled code, file hashes).
+data.py: the files clipgen reads and writes, shared by training and inference: images (folders and tar
+shards, a manifest of what was checked, robust RGB loading, augmentation, the step-indexed sampler that
+makes runs reproducible), checkpoints (atomic writes, loading that never runs pickled code, file hashes)
+and memory-mapped arrays (stage 2's cache).
 
 Everything here raises exceptions (ValueError, OSError) with a message a user can act on; the scripts turn
 them into one `error:` line. Nothing here calls sys.exit, so library code (clipgen.CLIPGen) can use it.
 
-    paths, bad = readable_images(find_images("imgs/"))
-    x = ImageFolder(paths, 64)[0]                  # (3, 64, 64) center crop in [-1, 1]
+    refs, bad = readable_images("imgs/")           # or "shards/{0000..0099}.tar"
+    x = ImageFolder(refs, 64)[0]                   # (3, 64, 64) center crop in [-1, 1]
 """
 import functools
 import hashlib
+import io
+import json
 import os
+import re
+import tarfile
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,49 +29,147 @@ from torchvision import transforms
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 # -----------------------------------------------------------------------------------------------------------
-# Image folders. A run should never die hours in because of one bad file, nor silently train on fewer images
-# than the user thinks: bad files are dropped up front (and named by the caller), and a file that only fails
-# when decoded is replaced by the next one.
+# Where images come from. --data names image files in a folder (searched recursively) and/or WebDataset-style
+# tar shards (what img2dataset writes for LAION and CC12M: members key.jpg, key.txt, key.json...; image
+# members are used, the rest ignored). Either way an image is an ImageRef: a file, or a byte range of a
+# shard. Reading a member at its offset, rather than streaming the shard front to back, keeps the data of
+# a training step a function of the step (see batch_indices), so shards get the same guarantees as files.
+#
+# Checking every image header takes minutes at a million files, so it is done once per source (file or
+# shard) and remembered in a manifest in the run folder, keyed by each source's size and modification time:
+# a later run, or another process, only re-checks what changed. A run should never die hours in because of
+# one bad file, nor silently train on fewer images than the user thinks: bad images are dropped up front
+# (and named by the caller), and one that only fails when decoded is replaced by the next one.
 
 
-def find_images(folder):
-    """Sorted paths of all images under `folder`, recursively, following symbolic links but visiting each
-    real folder once (a link to a parent would otherwise loop until the path length limit)."""
-    if not os.path.isdir(folder):
-        raise ValueError(f"--data {folder!r} is not a folder")
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """One image: the file `path`, or, when `member` is set, `size` bytes at `offset` in the tar shard `path`."""
+    path: str
+    member: str = ""
+    offset: int = 0
+    size: int = -1
+
+    def open(self):
+        """Something PIL's Image.open reads: the path, or the member's bytes (one seek and one read)."""
+        if not self.member:
+            return self.path
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            return io.BytesIO(f.read(self.size))
+
+    def __str__(self):
+        return f"{self.path}:{self.member}" if self.member else self.path
+
+
+def expand_braces(pattern):
+    """Shell-style braces, as WebDataset's shard lists use them: 'a/{000..002}.tar' -> a/000.tar, a/001.tar,
+    a/002.tar (zero padding kept); '{x,y}' lists alternatives; several groups multiply."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", m.group(1))
+    items = [str(i).zfill(len(r.group(1))) for i in range(int(r.group(1)), int(r.group(2)) + 1)] if r \
+        else m.group(1).split(",")
+    return [p for item in items for p in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
+
+
+def find_sources(spec):
+    """Sorted paths of the image files and .tar shards that --data names: a folder (searched recursively,
+    following symbolic links but visiting each real folder once, since a link to a parent would otherwise
+    loop until the path length limit), one .tar file, or a brace pattern of shards."""
+    if "{" in spec or spec.endswith(".tar"):
+        paths = expand_braces(spec)
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"--data {spec!r}: {len(missing)} of its {len(paths)} shards do not exist "
+                             f"(first: {missing[0]!r})")
+        return sorted(paths)
+    if not os.path.isdir(spec):
+        raise ValueError(f"--data {spec!r} is not a folder, a .tar shard or a shard pattern like 'shards/{{000..099}}.tar'")
     paths, seen = [], set()
-    for root, dirs, names in os.walk(folder, followlinks=True):
+    for root, dirs, names in os.walk(spec, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:
             dirs[:] = []  # already walked under another name
             continue
         seen.add(real)
         dirs.sort()
-        paths += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+        paths += [os.path.join(root, n) for n in names if n.lower().endswith(IMAGE_EXTENSIONS + (".tar",))]
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {folder!r}")
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) or .tar shards found under {spec!r}")
     return sorted(paths)
 
 
-def readable_images(paths):
-    """-> (good, bad): the files whose headers PIL can parse, and the others. Checks headers (and PNG
-    checksums) without decoding pixels, so it is fast. Raises if no file is readable."""
-    good, bad = [], []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.verify()
-            good.append(path)
-        except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError...) for a bad file
-            bad.append(path)
-    if not good:
-        raise ValueError(f"none of the {len(paths)} image files could be read (first: {paths[0]!r})")
-    return good, bad
+def stat_sources(paths):
+    """[path, size, mtime_ns] of each source: what decides whether a remembered scan of it still holds."""
+    return [[p, st.st_size, st.st_mtime_ns] for p in paths for st in [os.stat(p)]]
 
 
-def open_rgb(path):
-    """Any image file -> an 8-bit RGB PIL image, upright (EXIF orientation applied), transparency on white."""
-    with Image.open(path) as im:
+def _readable(ref):
+    """Whether PIL can parse the image's header (and a PNG's checksums) without decoding the pixels."""
+    try:
+        with Image.open(ref.open()) as im:
+            im.verify()
+        return True
+    except Exception:  # PIL raises many types (OSError, SyntaxError, ValueError...) for a bad file
+        return False
+
+
+def scan_source(stat):
+    """One source ([path, size, mtime_ns]) -> its manifest entry: the stat plus "images", the [member,
+    offset, size] of each readable image ("" member: the file itself), and "bad", what was not readable.
+    A shard is opened as plain (uncompressed) tar, since its members are later read at their offsets."""
+    path = stat[0]
+    if not path.endswith(".tar"):
+        good = _readable(ImageRef(path))
+        return {"source": stat, "images": [["", 0, -1]] if good else [], "bad": [] if good else [path]}
+    images, bad = [], []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:  # reads member headers, seeking past the data
+                if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS):
+                    ok = _readable(ImageRef(path, m.name, m.offset_data, m.size))
+                    (images if ok else bad).append([m.name, m.offset_data, m.size] if ok else f"{path}:{m.name}")
+    except (tarfile.TarError, OSError) as e:
+        bad.append(f"{path} (not an uncompressed tar file: {e})")
+    return {"source": stat, "images": images, "bad": bad}
+
+
+def images_of(entries):
+    """Manifest entries -> (ImageRefs, names of bad images). Raises if there is no readable image."""
+    refs = [ImageRef(e["source"][0], *im) for e in entries for im in e["images"]]
+    bad = [b for e in entries for b in e["bad"]]
+    if not refs:
+        raise ValueError(f"none of the {len(bad)} images could be read (first: {bad[0]!r})" if bad else "no images found")
+    return refs, bad
+
+
+def readable_images(spec):
+    """All readable images of a folder, shard or shard pattern, scanned in this process: -> (refs, bad)."""
+    return images_of([scan_source(s) for s in stat_sources(find_sources(spec))])
+
+
+def read_manifest(path):
+    """{source path: entry} remembered in a manifest file; {} if there is none or it can not be read."""
+    try:
+        with open(path) as f:
+            return {e["source"][0]: e for e in json.load(f)["entries"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def write_manifest(path, entries):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"entries": entries}, f)
+    os.replace(tmp, path)
+
+
+def open_rgb(file):
+    """An image (a path, a file object or an ImageRef) -> an 8-bit RGB PIL image, upright (EXIF orientation
+    applied), transparency on white."""
+    with Image.open(file.open() if isinstance(file, ImageRef) else file) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale: 65535 is white, as in the file
             a = np.asarray(im, dtype=np.float64) * (255.0 / 65535.0)
@@ -90,23 +194,23 @@ class ImageFolder(Dataset):
     on which process or worker loads it. That is what makes 2 processes equal 1, and a resumed run equal
     an uninterrupted one."""
 
-    def __init__(self, paths, image_size, seed=0):
-        self.paths, self.size, self.seed = paths, image_size, seed
+    def __init__(self, images, image_size, seed=0):
+        self.images, self.size, self.seed = images, image_size, seed  # ImageRefs (or plain paths)
         self.resize = transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True)
         self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, item):
         i, epoch = item if isinstance(item, tuple) else (item, None)
-        for attempt in range(len(self.paths)):  # a file that passed the header check but will not decode
-            path = self.paths[(i + attempt) % len(self.paths)]
+        for attempt in range(len(self.images)):  # an image that passed the header check but will not decode
+            ref = self.images[(i + attempt) % len(self.images)]
             try:
-                image = self.resize(open_rgb(path))  # shorter side = size
+                image = self.resize(open_rgb(ref))  # shorter side = size
                 break
             except Exception as e:
-                warnings.warn(f"skipping {path}: {e}")
+                warnings.warn(f"skipping {ref}: {e}")
         else:
             raise ValueError("no image could be decoded")
         W, H = image.size
@@ -185,3 +289,37 @@ def load_checkpoint(path, kind):
     if not isinstance(ckpt, dict) or ckpt.get("kind") != kind:
         raise ValueError(f"{path} is not a {kind} checkpoint written by train.py")
     return ckpt
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Arrays too large for every process to hold a copy of (stage 2's cache at ImageNet scale): rows stored in
+# .npy chunk files, memory-mapped.
+
+
+def save_npy(array, path):
+    """np.save through a temp file and an atomic rename: a chunk file that exists is complete."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+class ChunkedArray:
+    """The rows of several .npy files, in order, indexed as one array. Memory-mapped: a lookup reads only
+    its rows, and the processes of a node share one copy in the page cache instead of holding one each."""
+
+    def __init__(self, paths):
+        self.parts = [np.load(p, mmap_mode="r") for p in paths]
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])  # first row of each part, then the total
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, rows):
+        """rows (a sequence of ints) -> an ndarray (len(rows), ...) copied out of the files."""
+        rows = np.asarray(rows, dtype=np.int64)
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows),) + self.parts[0].shape[1:], self.parts[0].dtype)
+        for k in np.unique(part):  # at most one pass per file the rows fall in
+            out[part == k] = self.parts[k][rows[part == k] - self.starts[k]]
+        return out

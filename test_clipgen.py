@@ -5,6 +5,8 @@ Tests check behaviour that can fail: exact token ids, parity with golden values 
 reference implementation, equality of code paths, errors on bad input.
 """
 import functools
+import io
+import hashlib
 import http.server
 import json
 import math
@@ -14,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import warnings
@@ -478,6 +481,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, ckpt_root):
 
 
 TINY = vqgan.PRESETS["tiny"]
+CPU = train.Process(0, 1, torch.device("cpu"))
 
 
 def synthetic_images(n, size=32, seed=0):
@@ -498,6 +502,19 @@ def write_image_folder(folder, n=12, size=40):
     Image.fromarray(np.full((size, size, 4), 50, np.uint8)).save(os.path.join(folder, "sub", "rgba.png"))
     with open(os.path.join(folder, "sub", "corrupt.jpg"), "wb") as f:
         f.write(b"\xff\xd8 this is not really a jpeg")
+
+
+def pack_shards(folder, files, per_shard):
+    """Images into tar shards in WebDataset's layout: KEY.png beside a KEY.txt caption (which clipgen ignores)."""
+    os.makedirs(folder, exist_ok=True)
+    for s in range(0, len(files), per_shard):
+        with tarfile.open(os.path.join(folder, f"{s // per_shard:03d}.tar"), "w") as tar:
+            for f in files[s:s + per_shard]:
+                key = os.path.splitext(os.path.basename(f))[0]
+                tar.add(f, arcname=f"{key}.png")
+                caption = tarfile.TarInfo(f"{key}.txt")
+                caption.size = 9
+                tar.addfile(caption, io.BytesIO(b"a caption"))
 
 
 @pytest.mark.parametrize("size", [32, 48, 64])
@@ -663,6 +680,49 @@ def test_open_rgb_handles_modes_and_orientation(tmp_path):
     assert data.open_rgb(tmp_path / "rotated.jpg").size == (6, 8)
 
 
+def test_tar_shards_read_as_the_same_images_as_files(tmp_path):
+    write_image_folder(tmp_path / "imgs", n=6)
+    files = sorted(str(p) for p in (tmp_path / "imgs").glob("img*.png"))
+    pack_shards(tmp_path / "shards", files, per_shard=4)  # 000.tar: 4 images, 001.tar: 2
+    refs, bad = data.readable_images(str(tmp_path / "shards" / "{000..001}.tar"))
+    assert [r.member for r in refs] == [f"img{i:02d}.png" for i in range(6)] and not bad  # captions ignored
+    assert data.readable_images(str(tmp_path / "shards"))[0] == refs  # a folder of shards: the same
+    assert len(data.readable_images(str(tmp_path / "shards" / "001.tar"))[0]) == 2
+    # Center crops and (index, epoch) augmentations are the same whether an image is a file or a member.
+    as_files, as_members = data.ImageFolder(files, 32, seed=3), data.ImageFolder(refs, 32, seed=3)
+    for item in (0, 5, (1, 0), (4, 7)):
+        assert torch.equal(as_files[item], as_members[item])
+    with pytest.raises(ValueError, match="1 of its 3 shards do not exist .*002.tar"):
+        data.find_sources(str(tmp_path / "shards" / "{000..002}.tar"))
+    # A compressed shard can not be read at member offsets, and a bad member is named.
+    with tarfile.open(tmp_path / "shards" / "002.tar", "w:gz") as tar:
+        tar.add(files[0], arcname="gz.png")
+    with tarfile.open(tmp_path / "shards" / "003.tar", "w") as tar:
+        tar.add(tmp_path / "imgs" / "sub" / "corrupt.jpg", arcname="bad.jpg")
+    refs, bad = data.readable_images(str(tmp_path / "shards"))
+    assert len(refs) == 6 and "002.tar (not an uncompressed tar file" in bad[0] and bad[1].endswith("003.tar:bad.jpg")
+    assert data.expand_braces("s/{8..10}-{a,b}.tar") == ["s/8-a.tar", "s/8-b.tar", "s/9-a.tar", "s/9-b.tar",
+                                                         "s/10-a.tar", "s/10-b.tar"]
+
+
+def test_the_manifest_rechecks_only_changed_sources(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "imgs", n=4)
+    pack_shards(tmp_path / "imgs" / "shards", [str(tmp_path / "imgs" / "img03.png")], per_shard=1)
+    checked = []
+    readable = data._readable
+    monkeypatch.setattr(data, "_readable", lambda ref: checked.append(str(ref)) or readable(ref))
+    args = train.parse_args(["--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "run"), "--preset", "tiny"])
+    images, fingerprint = train.scan_data(args, CPU)
+    assert len(checked) == 8 and len(images) == 7  # 4 files + 1 member + gray, rgba; the corrupt jpg is bad
+    assert (tmp_path / "run" / "manifest.json").exists()
+    checked.clear()
+    assert train.scan_data(args, CPU) == (images, fingerprint) and checked == []  # a second run reads the manifest
+    (tmp_path / "imgs" / "img00.png").write_bytes(b"broken")  # changed: size and time
+    images2, fingerprint2 = train.scan_data(args, CPU)
+    assert checked == [str(tmp_path / "imgs" / "img00.png")] and fingerprint2 != fingerprint
+    assert images2 == images[1:]
+
+
 def run_script(*args, cwd=REPO):
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
@@ -677,7 +737,8 @@ def test_train_vqgan_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "skipping 1 unreadable image file(s)" in r.stderr and "corrupt.jpg" in r.stderr
     assert "14 images" in r.stdout and "step      6/6" in r.stdout and "psnr" in r.stdout
-    assert sorted(os.listdir(out)) == ["checkpoints", "vqgan.pt", "vqgan_0000003.png", "vqgan_0000006.png"]
+    assert sorted(os.listdir(out)) == ["checkpoints", "manifest.json", "vqgan.pt", "vqgan_0000003.png",
+                                       "vqgan_0000006.png"]
     assert sorted(os.listdir(out / "checkpoints")) == ["vqgan_0000003.pt", "vqgan_0000006.pt"]
     grid = Image.open(out / "vqgan_0000006.png")
     assert grid.size[1] > grid.size[0] / 8 * 1.5  # two rows: inputs above reconstructions
@@ -851,7 +912,9 @@ def test_tiny_prior_overfits_cached_tokens():
 
 def test_cache_key_tracks_vqgan_clip_and_size(tmp_path, ckpt_root):
     write_image_folder(tmp_path / "imgs", n=3)
-    paths = data.find_images(str(tmp_path / "imgs"))
+    listing = data.stat_sources(data.find_sources(str(tmp_path / "imgs")))
+    paths = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    fewer = hashlib.sha256(json.dumps(listing[:-1]).encode()).hexdigest()
     vq_path = tmp_path / "vqgan.pt"
     torch.save({"kind": "vqgan", "w": torch.zeros(3)}, vq_path)
     _, clip_paths = _checkpoint_files("tiny-vit", ckpt_root)
@@ -860,7 +923,7 @@ def test_cache_key_tracks_vqgan_clip_and_size(tmp_path, ckpt_root):
     assert train.cache_key(paths, vq_sha, clip_paths["state_dict"], 32) == key
     assert train.cache_key(paths, vq_sha, clip_paths["fp16"], 32) != key
     assert train.cache_key(paths, vq_sha, clip_paths["state_dict"], 48) != key
-    assert train.cache_key(paths[:-1], vq_sha, clip_paths["state_dict"], 32) != key
+    assert train.cache_key(fewer, vq_sha, clip_paths["state_dict"], 32) != key
     torch.save({"kind": "vqgan", "w": torch.ones(3)}, vq_path)
     assert train.cache_key(paths, data.sha256_of(vq_path), clip_paths["state_dict"], 32) != key
 
@@ -878,6 +941,7 @@ def test_train_all_stages_end_to_end(tmp_path, ckpt_root):
                    "--embed-loss-every", "2")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("skipping 1 unreadable") == 1 and "encoding 14 images" in r.stdout
+    assert "14 of 14 cache chunks" in r.stdout  # 14 images: a chunk each (the encoding splits over processes)
     ce = [float(line.split("ce ")[1].split()[0]) for line in r.stdout.splitlines() if " ce " in line]
     embed = [float(line.split("embed ")[1].split()[0]) for line in r.stdout.splitlines() if " embed " in line]
     # Both logged; a fresh prior predicts nearly uniformly, so its first cross-entropy is close to ln(128).
@@ -972,7 +1036,7 @@ def test_frechet_distance_and_evaluate(trained_run):
     metrics = gen.evaluate(prompts, str(trained_run / "imgs"), results=results)
     assert metrics["n_generated"] == 3 and metrics["n_real"] == 14  # the corrupt file is skipped
     assert metrics["clip_score"] == pytest.approx(sum(r[0][1] for r in results) / 3)
-    real = gen.embed_pil([data.open_rgb(p) for p in data.readable_images(data.find_images(str(trained_run / "imgs")))[0]])
+    real = gen.embed_pil([data.open_rgb(r) for r in data.readable_images(str(trained_run / "imgs"))[0]])
     fake = gen.embed_pil([r[0][0] for r in results])
     assert metrics["frechet_distance"] == pytest.approx(clipgen.frechet_distance(fake, real))
     with pytest.raises(ValueError, match="at least 2 images per side"):
@@ -1038,6 +1102,12 @@ def test_sample_script_bad_input(trained_run, tmp_path, capsys):
 def scale_setup(tmp_path_factory, ckpt_root):
     root = tmp_path_factory.mktemp("scale")
     write_image_folder(root / "imgs")
+    # Half the images in tar shards beside the files: every guarantee below (2 processes equal 1, resumes
+    # equal uninterrupted runs) is checked for both kinds of source.
+    files = [str(root / "imgs" / f"img{i:02d}.png") for i in range(6, 12)]
+    pack_shards(root / "imgs" / "shards", files, per_shard=3)
+    for f in files:
+        os.remove(f)
     _, clip_paths = _checkpoint_files("tiny-vit", ckpt_root)
     common = ["--data", str(root / "imgs"), "--preset", "tiny", "--perceptual", "none", "--workers", "0",
               "--clip", clip_paths["state_dict"], "--warmup", "2", "--device", "cpu"]
@@ -1083,6 +1153,9 @@ def test_two_processes_equal_one(scale_setup):
     assert strip(loss_lines(one.stdout)) == strip(loss_lines(two.stdout))
     assert_same_vqgan(root / "one" / "vqgan.pt", root / "two" / "vqgan.pt")
     assert_same_prior(root / "one" / "prior.pt", root / "two" / "prior.pt")
+    # The stage-2 cache that 2 processes encoded (a chunk of each image, round-robin) is byte for byte 1's.
+    cache = lambda run: {p.name: p.read_bytes() for p in (root / run).glob("prior_cache_*/*.npy")}
+    assert len(cache("one")) == 2 * 14 and cache("one") == cache("two")
 
 
 def test_gradient_accumulation_equals_a_larger_batch(scale_setup):
@@ -1291,17 +1364,52 @@ def test_refused_resumes_name_the_flag_and_change_nothing(scale_setup, capsys):
 
 def test_a_signal_during_the_cache_build_stops_it_without_writing(tmp_path):
     write_image_folder(tmp_path / "imgs", n=3)
-    paths, _ = data.readable_images(data.find_images(str(tmp_path / "imgs")))
+    refs, _ = data.readable_images(str(tmp_path / "imgs"))
     stop = train.GracefulStop()
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # handled: sets the flag, as a scheduler's SIGTERM would
         assert stop.signal == signal.SIGTERM
         with pytest.raises(SystemExit) as e:
-            train.build_cache(paths, vqgan.VQGAN(TINY), None, 2, torch.device("cpu"), stop)  # before any encoding
+            train.build_cache(refs, vqgan.VQGAN(TINY), None, str(tmp_path / "cache"), CPU, stop)  # before encoding
         assert e.value.code == 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_a_killed_cache_build_keeps_finished_chunks_and_continues(tmp_path, ckpt_root, monkeypatch):
+    write_image_folder(tmp_path / "imgs")
+    refs, _ = data.readable_images(str(tmp_path / "imgs"))
+    torch.manual_seed(0)
+    vq = vqgan.VQGAN(TINY).eval()
+    clip_model = clip_loader.load(_checkpoint_files("tiny-vit", ckpt_root)[1]["state_dict"])[0]
+    done = lambda folder: sorted(os.listdir(folder))
+
+    class StopAfterFive:  # a SIGTERM that arrives once 5 chunks are written
+        signal = property(lambda self: signal.SIGTERM if len(done(tmp_path / "a")) >= 10 else None)
+
+    assert train.cache_chunk_size(len(refs)) == 1  # 14 images: a chunk each
+    with pytest.raises(SystemExit) as e:
+        train.build_cache(refs, vq, clip_model, str(tmp_path / "a"), CPU, StopAfterFive())
+    assert e.value.code == 128 + signal.SIGTERM and len(done(tmp_path / "a")) == 10
+    kept = {f: (tmp_path / "a" / f).stat().st_mtime_ns for f in done(tmp_path / "a")}
+    encoded = []
+    encode = vq.encode
+    monkeypatch.setattr(vq, "encode", lambda x: encoded.append(len(x)) or encode(x))
+    train.build_cache(refs, vq, clip_model, str(tmp_path / "a"), CPU, train.GracefulStop())
+    assert len(encoded) == 9 and all(n == 2 for n in encoded)  # only the missing chunks (an image and its flip)
+    assert all((tmp_path / "a" / f).stat().st_mtime_ns == t for f, t in kept.items())
+    train.build_cache(refs, vq, clip_model, str(tmp_path / "b"), CPU, train.GracefulStop())  # uninterrupted
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in done(tmp_path / "b"))
+    # Read back through the memory map: row 2i is image i's tokens, row 2i + 1 its mirror image's, in 16 bits.
+    tokens = data.ChunkedArray([train.cache_file(str(tmp_path / "a"), "tokens", c) for c in range(14)])
+    assert tokens.parts[0].dtype == np.uint16 and len(tokens) == 28
+    x = data.ImageFolder(refs, 32)[6]
+    with torch.no_grad():
+        expected = vq.encode(torch.stack([x, x.flip(-1)])).flatten(1)
+    assert torch.equal(train.read_rows(tokens, [12, 13]), expected)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_stage_two_takes_its_image_size_from_the_vqgan(scale_setup, capsys):
@@ -1346,7 +1454,7 @@ def test_clip_loader_cli_errors_are_one_line(tmp_path):
 def test_symlink_loops_are_walked_once(tmp_path):
     write_image_folder(tmp_path / "imgs", n=3)
     os.symlink(tmp_path / "imgs", tmp_path / "imgs" / "loop")
-    assert len(data.find_images(str(tmp_path / "imgs"))) == 6  # 3 + gray, rgba, corrupt; nothing via the loop
+    assert len(data.find_sources(str(tmp_path / "imgs"))) == 6  # 3 + gray, rgba, corrupt; nothing via the loop
 
 
 # ===========================================================================================================

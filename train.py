@@ -1,11 +1,12 @@
 """
-train.py: trains CLIP-GEN from a folder of images, no captions needed.
+train.py: trains CLIP-GEN from images alone (a folder, or WebDataset tar shards), no captions needed.
 
     python train.py --data imgs/                                   # both stages, paper sizes (a GPU job)
     python train.py --data imgs/ --stage vqgan                     # stage 1 only; --stage prior for stage 2
     python train.py --data imgs/ --preset tiny --vqgan-steps 2000 --prior-steps 2000 --disc-start 1000 \\
         --perceptual none                                          # small models that train on a CPU
     torchrun --nproc_per_node=8 train.py --data imgs/              # the same on 8 GPUs (DDP)
+    torchrun --nproc_per_node=8 train.py --data 'shards/{00000..00999}.tar'   # tar shards (img2dataset's)
 
 Reads top to bottom: the command line, stage 1 (the VQGAN), stage 2 (the prior), main, then the plumbing
 both stages share (distributed set-up, checkpoints, random states, signals, the NaN guard). The losses
@@ -30,6 +31,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -67,7 +69,9 @@ def recipe_help(text, name):
 def build_parser():
     p = argparse.ArgumentParser(description="Train CLIP-GEN on a folder of images (no captions).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="folder of images, searched recursively (jpg, png, webp, bmp)")
+    p.add_argument("--data", required=True,
+                   help="images: a folder searched recursively for jpg/png/webp/bmp files and .tar shards "
+                        "(WebDataset layout), one .tar, or a shard pattern such as 'shards/{00000..00099}.tar'")
     p.add_argument("--out", default="out", help="run folder for checkpoints, sample grids and caches")
     p.add_argument("--stage", default="all", choices=["vqgan", "prior", "all"],
                    help="'vqgan' = stage 1, 'prior' = stage 2 (needs OUT/vqgan.pt), 'all' = both in turn")
@@ -219,14 +223,14 @@ def discriminator_step(disc, raw_disc, opt_d, micro_batches, recons, autocast):
     return total
 
 
-def train_vqgan(args, paths, proc):
+def train_vqgan(args, images, proc):
     cuda = proc.device.type == "cuda"
     torch.manual_seed(args.seed + proc.rank)
     cfg = vqgan.PRESETS[args.preset]
     cfg = replace(cfg, image_size=args.image_size or cfg.image_size)
     per_rank = args.batch_size * args.grad_accum
-    if len(paths) < per_rank * proc.world:
-        fail(f"{len(paths)} images are fewer than one global batch ({per_rank * proc.world}); "
+    if len(images) < per_rank * proc.world:
+        fail(f"{len(images)} images are fewer than one global batch ({per_rank * proc.world}); "
              f"lower --batch-size or --grad-accum")
     ckpt, ckpt_path = latest_checkpoint(args, "vqgan", proc)
     if ckpt is not None:
@@ -262,15 +266,15 @@ def train_vqgan(args, paths, proc):
 
     # Data: this process's share of each step's images from step `start` on, decoded and augmented by worker
     # processes in parallel with the step; pinned memory lets the copy to the GPU run asynchronously.
-    dataset = data.ImageFolder(paths, cfg.image_size, seed=args.seed)
+    dataset = data.ImageFolder(images, cfg.image_size, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=cuda,
-                        sampler=data.StepSampler(len(paths), per_rank, proc.rank, proc.world, args.seed, start),
+                        sampler=data.StepSampler(len(images), per_rank, proc.rank, proc.world, args.seed, start),
                         persistent_workers=args.workers > 0)
     batches = iter(loader)  # before the random state is restored: creating the iterator draws a seed
-    preview = torch.stack([dataset[i] for i in range(min(PREVIEW_IMAGES, len(paths)))])
+    preview = torch.stack([dataset[i] for i in range(min(PREVIEW_IMAGES, len(images)))])
     if proc.master:
         side = cfg.tokens_per_side
-        print(f"VQGAN {millions(raw_model)}M params, discriminator {millions(raw_disc)}M | {len(paths)} images, "
+        print(f"VQGAN {millions(raw_model)}M params, discriminator {millions(raw_disc)}M | {len(images)} images, "
               f"{cfg.image_size}px -> {side}x{side} tokens, codebook {cfg.codebook_size} | device {proc.device} "
               f"x{proc.world} {'bf16 autocast' if cuda else 'float32'} | global batch {per_rank * proc.world} "
               f"({args.batch_size} x {args.grad_accum} accumulation x {proc.world} processes)")
@@ -338,33 +342,69 @@ def save_vqgan_grid(model, preview, path, device):
 HOLDOUT_IMAGES = 4  # images kept out of stage-2 training, shown in its grids (at most a fifth of the images)
 
 
-def cache_key(paths, vqgan_sha256, clip_name, image_size):
-    """A digest of everything the cached tokens and embeddings depend on: the VQGAN weights (by their
-    file's SHA-256), the CLIP, the image size and the image files (path, size, mtime). Any change gives a
-    new key and a new cache."""
+# The cache is a folder of chunk files of consecutive images (and their mirror images): tokens in the
+# smallest integer type the codebook fits, embeddings in fp16. Processes encode the chunks round-robin and
+# write each one when it is complete, so a killed build keeps its finished chunks and the next run encodes
+# only the rest. Chunk boundaries depend on the number of images alone, and encoder batches never straddle
+# chunks and have a fixed size, so the bytes of the cache do not depend on how many processes built it.
+CACHE_CHUNKS = 64  # about this many chunks, so that up to 64 processes share the encoding...
+CACHE_CHUNK_MAX = 4096  # ...but no more images than this per chunk (a killed build loses at most that)
+CACHE_BATCH = 32  # images per encoder batch (x2 with the mirror images)
+
+
+def cache_chunk_size(n_images):
+    return min(CACHE_CHUNK_MAX, math.ceil(n_images / CACHE_CHUNKS))
+
+
+def cache_key(fingerprint, vqgan_sha256, clip_name, image_size):
+    """A digest of everything the cached tokens and embeddings depend on: the images (scan_data's
+    fingerprint of the sources' paths, sizes and times), the VQGAN weights (their file's SHA-256), the CLIP,
+    the image size and the chunk size. Any change gives a new key and a new cache."""
     clip_id = clip_name if clip_name in clip_loader.MODELS else data.sha256_of(clip_name)
-    files = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths]
-    blob = json.dumps([vqgan_sha256, clip_id, image_size, files])
+    blob = json.dumps([fingerprint, vqgan_sha256, clip_id, image_size, CACHE_CHUNKS, CACHE_CHUNK_MAX])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def cache_file(folder, kind, chunk):
+    return os.path.join(folder, f"{kind}_{chunk:05d}.npy")
+
+
+def read_rows(array, rows):
+    """Rows of a cache array as a tensor: token ids as int64 (what nn.Embedding takes), embeddings as fp32."""
+    out = array[rows]
+    return torch.from_numpy(out.astype(np.float32 if out.dtype == np.float16 else np.int64))
+
+
 @torch.no_grad()
-def build_cache(paths, vq, clip_model, batch_size, device, stop):
-    """Encode every image (center crop, and its mirror image) once: VQGAN token ids (2N, n_tokens) and
-    CLIP image embeddings (2N, clip_dim). Row 2i is image i, row 2i + 1 its horizontal flip. A signal
-    (`stop`) ends the build between batches; nothing is written, and the next run builds it again."""
-    dataset = data.ImageFolder(paths, vq.cfg.image_size)
+def build_cache(images, vq, clip_model, folder, proc, stop, workers=0):
+    """Encode this process's missing chunks of the cache in `folder`: per image i, rows 2i (a center crop)
+    and 2i + 1 (its mirror image) of VQGAN token ids (uint16/int32) and CLIP image embeddings (fp16).
+    DataLoader workers decode the images in parallel. A signal (`stop`) ends the build between batches;
+    finished chunks stay, the one in progress is dropped."""
+    os.makedirs(folder, exist_ok=True)
+    dataset = data.ImageFolder(images, vq.cfg.image_size)
+    token_dtype = np.uint16 if vq.cfg.codebook_size <= 1 << 16 else np.int32
+    chunk_size = cache_chunk_size(len(images))
+    n_chunks = math.ceil(len(images) / chunk_size)
+    mine = [c for c in range(proc.rank, n_chunks, proc.world) if not os.path.exists(cache_file(folder, "tokens", c))]
+    batches = [list(range(i, min(i + CACHE_BATCH, (c + 1) * chunk_size, len(images))))
+               for c in mine for i in range(c * chunk_size, min((c + 1) * chunk_size, len(images)), CACHE_BATCH)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers)
     tokens, embeddings = [], []
-    for i in range(0, len(dataset), batch_size):
+    for batch, x in zip(batches, loader):
         if stop.signal is not None:
-            print(f"stopped by signal {stop.signal} while encoding images for stage 2; no cache written")
+            print(f"stopped by signal {stop.signal} while encoding images for stage 2; finished cache chunks are "
+                  f"kept in {folder}, and the next run encodes only the rest")
             sys.exit(128 + stop.signal)
-        x = torch.stack([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))]).to(device)
-        x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1)  # (b, 3, S, S) -> (2b, 3, S, S), interleaved
-        tokens.append(vq.encode(x).flatten(1).to(torch.int32).cpu())  # (2b, h*w)
+        x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1).to(proc.device)  # (b, 3, S, S) -> (2b, ...), interleaved
+        tokens.append(vq.encode(x).flatten(1).cpu().numpy().astype(token_dtype))  # (2b, h*w)
         clip_in = clip_loader.preprocess_tensor(x, clip_model.arch.image_resolution)
-        embeddings.append(clip_model.encode_image(clip_in).float().cpu())  # (2b, clip_dim)
-    return torch.cat(tokens), torch.cat(embeddings)
+        embeddings.append(clip_model.encode_image(clip_in).float().cpu().numpy().astype(np.float16))  # (2b, clip_dim)
+        if (batch[-1] + 1) % chunk_size == 0 or batch[-1] + 1 == len(images):  # the chunk is complete
+            chunk = batch[-1] // chunk_size
+            data.save_npy(np.concatenate(embeddings), cache_file(folder, "embeddings", chunk))
+            data.save_npy(np.concatenate(tokens), cache_file(folder, "tokens", chunk))  # last: marks it done
+            tokens, embeddings = [], []
 
 
 def lr_at(step, args):
@@ -411,7 +451,7 @@ def prior_step(model, raw_model, opt, micro_batches, embed_rows, vq, clip_model,
     return logs
 
 
-def train_prior(args, paths, proc):
+def train_prior(args, images, fingerprint, proc):
     cuda = proc.device.type == "cuda"
     torch.manual_seed(args.seed + proc.rank)
     vqgan_path = os.path.join(args.out, "vqgan.pt")
@@ -428,40 +468,40 @@ def train_prior(args, paths, proc):
         fail(f"--image-size {args.image_size} but {vqgan_path} was trained at {vq.cfg.image_size} px; stage 2 "
              f"encodes images at the VQGAN's size, so drop --image-size for --stage prior")
 
-    # The cache: built once by rank 0, read by every rank. Encoding is the expensive part of stage 2's set-up
-    # (a VQGAN and a CLIP forward per image); training then reads tokens and embeddings from memory, so the
-    # prior's steps never touch image files, and the frozen models run only for the embedding loss and grids.
-    # vqgan.pt is hashed once here: the cache key and every checkpoint name this exact VQGAN.
+    # The cache: every image's tokens and embedding, encoded once (split over the processes) and then
+    # memory-mapped by all of them, so the prior's steps never touch image files, and the frozen models run
+    # only for the embedding loss and grids. vqgan.pt is hashed once here: the cache key and every
+    # checkpoint name this exact VQGAN.
     vqgan_sha256 = data.sha256_of(vqgan_path)
     stop = GracefulStop()  # from here on: a signal during the cache build must not wait for the whole build
-    key = cache_key(paths, vqgan_sha256, args.clip, vq.cfg.image_size)
-    cache_path = os.path.join(args.out, f"prior_cache_{key[:16]}.pt")
-    if proc.master and not os.path.exists(cache_path):
-        print(f"encoding {len(paths)} images (and their mirror images) with the VQGAN and CLIP -> {cache_path}")
-        tokens, embeddings = build_cache(paths, vq, clip_model, args.batch_size, proc.device, stop)
-        data.save_checkpoint({"key": key, "tokens": tokens, "embeddings": embeddings, "paths": paths}, cache_path)
+    folder = os.path.join(args.out, "prior_cache_" + cache_key(fingerprint, vqgan_sha256, args.clip, vq.cfg.image_size)[:16])
+    n_chunks = math.ceil(len(images) / cache_chunk_size(len(images)))
+    missing = sum(not os.path.exists(cache_file(folder, "tokens", c)) for c in range(n_chunks))
+    if proc.master and missing:
+        print(f"encoding {len(images)} images (and their mirror images) with the VQGAN and CLIP in {proc.world} "
+              f"process(es): {missing} of {n_chunks} cache chunks to write in {folder}")
     elif proc.master:
-        print(f"using cached tokens and embeddings {cache_path}")
+        print(f"using cached tokens and embeddings in {folder}")
+    build_cache(images, vq, clip_model, folder, proc, stop, args.workers)
     if dist.is_initialized():
-        dist.barrier()
-    cache = torch.load(cache_path, map_location="cpu", weights_only=True)
-    tokens, embeddings = cache["tokens"].long(), cache["embeddings"]
+        dist.barrier()  # each process waits only for the others' share of the chunks
+    tokens = data.ChunkedArray([cache_file(folder, "tokens", c) for c in range(n_chunks)])
+    embeddings = data.ChunkedArray([cache_file(folder, "embeddings", c) for c in range(n_chunks)])
 
     # Hold out a few images (both flips) for the sample grids: they show generalisation, not memory.
-    n_holdout = min(HOLDOUT_IMAGES, len(paths) // 5)
-    preview_ids = range(len(paths) - n_holdout, len(paths)) if n_holdout else range(min(HOLDOUT_IMAGES, len(paths)))
-    preview = torch.stack([data.ImageFolder(paths, vq.cfg.image_size)[i] for i in preview_ids])
-    preview_emb = embeddings[[2 * i for i in preview_ids]]
-    n_train = 2 * (len(paths) - n_holdout)
-    tokens, embeddings = tokens[:n_train], embeddings[:n_train]
+    n_holdout = min(HOLDOUT_IMAGES, len(images) // 5)
+    preview_ids = range(len(images) - n_holdout, len(images)) if n_holdout else range(min(HOLDOUT_IMAGES, len(images)))
+    preview = torch.stack([data.ImageFolder(images, vq.cfg.image_size)[i] for i in preview_ids])
+    preview_emb = read_rows(embeddings, [2 * i for i in preview_ids])
+    n_train = 2 * (len(images) - n_holdout)  # rows 0..n_train-1 of the cache
     per_rank = args.batch_size * args.grad_accum
     if n_train < per_rank * proc.world:
         fail(f"{n_train} training sequences are fewer than one global batch ({per_rank * proc.world}); "
              f"lower --batch-size or --grad-accum")
 
     # The prior's vocabulary, sequence length and condition size are read off the VQGAN and CLIP actually used.
-    cfg = replace(prior.PRESETS[args.preset], vocab_size=vq.cfg.codebook_size, n_tokens=tokens.shape[1],
-                  clip_dim=embeddings.shape[1], adaln=args.adaln, remove_mean=args.remove_mean)
+    cfg = replace(prior.PRESETS[args.preset], vocab_size=vq.cfg.codebook_size, n_tokens=tokens.parts[0].shape[1],
+                  clip_dim=embeddings.parts[0].shape[1], adaln=args.adaln, remove_mean=args.remove_mean)
     ckpt, ckpt_path = latest_checkpoint(args, "prior", proc)
     if ckpt is not None:
         if ckpt["vqgan_sha256"] != vqgan_sha256:
@@ -473,7 +513,7 @@ def train_prior(args, paths, proc):
     if start >= args.prior_steps:
         return
     raw_model = prior.Prior(cfg).to(proc.device)
-    raw_model.embedding_mean.copy_(F.normalize(embeddings, dim=-1).mean(0))  # used only with --remove-mean
+    raw_model.embedding_mean.copy_(mean_direction(embeddings, n_train))  # used only with --remove-mean
     # Weight decay on matrices only; biases, norms and vectors are left alone (as in nanoGPT).
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]
     no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
@@ -507,8 +547,8 @@ def train_prior(args, paths, proc):
         # step alone (see data.batch_indices and step_randomness), like stage 1's images.
         rows, _ = data.batch_indices(n_train, per_rank, proc.rank, proc.world, args.seed, step)
         drop, noise = step_randomness(args, step, per_rank, cfg.clip_dim, proc)
-        micro = [(tokens[rows[j:j + args.batch_size]].to(proc.device, non_blocking=True),
-                  embeddings[rows[j:j + args.batch_size]].to(proc.device, non_blocking=True),
+        micro = [(read_rows(tokens, rows[j:j + args.batch_size]).to(proc.device, non_blocking=True),
+                  read_rows(embeddings, rows[j:j + args.batch_size]).to(proc.device, non_blocking=True),
                   drop[j:j + args.batch_size].to(proc.device), noise[j:j + args.batch_size].to(proc.device))
                  for j in range(0, per_rank, args.batch_size)]
         # The embedding loss costs several GPT steps (a VQGAN decode and a CLIP forward with their backward);
@@ -544,6 +584,14 @@ def train_prior(args, paths, proc):
         print(f"stage 2 done: {os.path.join(args.out, 'prior.pt')}")
 
 
+def mean_direction(embeddings, n_rows):
+    """The mean of the first n_rows unit-normalised embeddings (a ChunkedArray), one chunk file at a time."""
+    total = 0
+    for start, part in zip(embeddings.starts, embeddings.parts):
+        total = total + F.normalize(torch.from_numpy(part[:max(0, n_rows - start)].astype(np.float32)), dim=-1).sum(0)
+    return total / n_rows
+
+
 @torch.no_grad()
 def save_prior_grid(model, vq, preview, preview_emb, path, seed, proc):
     """Held-out images over the prior's samples from their CLIP image embeddings: stage 2's visual log."""
@@ -566,22 +614,49 @@ def main(argv=None):
     args = parse_args(argv)
     proc = setup_distributed(args.device)
     try:
-        try:
-            paths, bad = data.readable_images(data.find_images(args.data))
-        except ValueError as e:
-            fail(e)
-        if bad and proc.master:
-            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-            print(f"warning: skipping {len(bad)} unreadable image file(s): {shown}", file=sys.stderr)
+        images, fingerprint = scan_data(args, proc)
         if args.stage in ("vqgan", "all"):
-            train_vqgan(args, paths, proc)
+            train_vqgan(args, images, proc)
             if dist.is_initialized():
                 dist.barrier()  # stage 2 on other ranks reads the vqgan.pt that rank 0 has just written
         if args.stage in ("prior", "all"):
-            train_prior(args, paths, proc)
+            train_prior(args, images, fingerprint, proc)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def scan_data(args, proc):
+    """-> (ImageRefs of --data, a fingerprint of its sources). Rank 0 lists the sources (files and shards)
+    with their sizes and modification times; those that OUT/manifest.json does not already describe are
+    checked, split over all processes; rank 0 writes the updated manifest. A second run, or a resumed one,
+    so re-checks only what changed, and no process checks more than its share."""
+    manifest_path = os.path.join(args.out, "manifest.json")
+    listing = None
+    if proc.master:
+        try:
+            listing = data.stat_sources(data.find_sources(args.data))
+        except ValueError as e:
+            listing = str(e)
+    listing = broadcast_object(listing, proc)
+    if isinstance(listing, str):
+        fail(listing)
+    known = data.read_manifest(manifest_path)
+    todo = [s for s in listing if s[0] not in known or known[s[0]]["source"] != s]
+    scanned = {e["source"][0]: e for part in gather_objects([data.scan_source(s) for s in todo[proc.rank::proc.world]], proc)
+               for e in part}
+    entries = [scanned[s[0]] if s[0] in scanned else known[s[0]] for s in listing]
+    if proc.master and (todo or len(known) != len(listing)):
+        os.makedirs(args.out, exist_ok=True)
+        data.write_manifest(manifest_path, entries)
+    try:
+        images, bad = data.images_of(entries)
+    except ValueError as e:
+        fail(f"--data {args.data!r}: {e}")
+    if bad and proc.master:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        print(f"warning: skipping {len(bad)} unreadable image file(s): {shown}", file=sys.stderr)
+    return images, hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 # ===========================================================================================================
@@ -643,6 +718,24 @@ def sync_gradients(model, last_micro_step):
     """DDP averages gradients over processes in every backward; with gradient accumulation only the last
     micro-step's backward needs to, so the others run under no_sync (entered before their forward)."""
     return model.no_sync() if isinstance(model, DDP) and not last_micro_step else nullcontext()
+
+
+def broadcast_object(obj, proc):
+    """Rank 0's `obj` on every process (pickled; for set-up data, not tensors)."""
+    if proc.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj, proc):
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    if proc.world == 1:
+        return [obj]
+    out = [None] * proc.world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def mean_over_ranks(values, device):
