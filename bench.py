@@ -6,22 +6,31 @@ bench.py: how fast clipgen trains and samples on this machine (a benchmark, not 
 
 Measures, for a named model size:
   (a) the VQGAN training step (generator + discriminator, perceptual loss included) in images/s, with the
-      project's speed settings (bf16 autocast + channels_last on CUDA) and, on CUDA, also in plain fp32
+      project's speed settings (channels_last, and bf16 autocast on CUDA) and, on CUDA, also in plain fp32
       with the default memory layout, to show what those settings buy;
   (b) the prior training step in tokens/s and model FLOPs utilisation (MFU): model FLOPs per second over
       the device's peak (the published dense bf16 peak on H100/H200; a measured fp32 matmul peak on a CPU);
   (c) sampling n_tokens tokens with and without the KV cache, in images/s, and their ratio.
+With --peers it times instead the shapes of the projects we compare with (taming-transformers' f16 VQGAN
+at 256 px, batch 1, 1,024 codes, no perceptual loss; a GPT-2-small-sized prior, 12 layers x 768 over 257
+positions and 1,024 tokens, as nanoGPT would train it, at batch 2 and 8) and batch-1 KV-cache sampling
+against its ceiling: every weight is read once per token, so memory bandwidth bounds tokens/s.
 Weights are random (speed does not depend on them) and nothing is downloaded.
 """
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 from torchvision.models import vgg16
 
 import prior
 import vqgan
+
+# The peers' shapes (--peers): taming's vqgan_imagenet_f16_1024 and GPT-2 small over one image's tokens.
+PEER_VQGAN = replace(vqgan.PRESETS["paper"], codebook_size=1024)
+PEER_PRIOR = prior.PriorConfig(vocab_size=1024, n_tokens=256, n_layer=12, n_head=12, n_embd=768)
 
 # Published dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -63,16 +72,29 @@ def timed(fn, device, warmup, iters):
     return (time.perf_counter() - t0) / iters
 
 
-def bench_vqgan(cfg, batch, device, fast, compile_model, warmup, iters):
-    """Images/s of one full stage-1 step. fast: bf16 autocast + channels_last (CUDA only)."""
+def matvec_bandwidth(device, n=8192):
+    """Bytes/s that a large fp32 matrix-vector product reads: the most batch-1 sampling can reach, since
+    it reads every weight once per token and does two FLOPs with it."""
+    W, v = torch.randn(n, n, device=device), torch.randn(n, device=device)
+    return W.numel() * W.element_size() / timed(lambda: W @ v, device, warmup=3, iters=20)
+
+
+def weights_read_per_token(model):
+    """Bytes of the weights one sampling step reads: every block, the final norm and the output head (one
+    row of the token embedding and the prefix projection, read once, are left out)."""
+    parts = [*model.blocks.parameters(), *model.ln_f.parameters(), *model.head.parameters()]
+    return sum(p.numel() * p.element_size() for p in parts)
+
+
+def bench_vqgan(cfg, batch, device, fast, compile_model, warmup, iters, perceptual=True):
+    """Images/s of one full stage-1 step. fast: train.py's settings, channels_last and (on CUDA) bf16 autocast."""
     torch.manual_seed(0)
-    fast = fast and device.type == "cuda"
     fmt = torch.channels_last if fast else torch.contiguous_format
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast and device.type == "cuda")
     model = vqgan.VQGAN(cfg).to(device, memory_format=fmt)
     disc = vqgan.PatchDiscriminator(cfg).to(device, memory_format=fmt)
     # Random VGG16 weights: the same FLOPs as the real perceptual loss, without a 528 MB download.
-    perceptual = vqgan.PerceptualLoss(vgg16(weights=None).features).to(device, memory_format=fmt)
+    perceptual = vqgan.PerceptualLoss(vgg16(weights=None).features).to(device, memory_format=fmt) if perceptual else None
     opt_g = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, fused=device.type == "cuda")
     wrapped = torch.compile(model) if compile_model else model
@@ -118,7 +140,7 @@ def bench_prior_train(cfg, batch, device, compile_model, warmup, iters):
 
     def step():  # the cross-entropy step (the embedding loss runs every few steps in training)
         with autocast:
-            logits, _ = wrapped(emb, tokens[:, :-1], drop)
+            logits = wrapped(emb, tokens[:, :-1], drop)
             loss, _, _ = prior.clipgen_loss(logits, tokens, emb, drop)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -139,6 +161,44 @@ def bench_sampling(cfg, batch, device, use_cache, iters):
     return batch / timed(run, device, warmup=1, iters=iters)
 
 
+def size_rows(args, device, vq_cfg, prior_cfg, vq_batch, prior_batch, peak, warmup):
+    """The project at one --size, with its speed settings."""
+    rows = []
+    fast = bench_vqgan(vq_cfg, vq_batch, device, True, args.compile, warmup, args.iters)
+    rows.append(("vqgan train step" + (" (bf16 + channels_last)" if device.type == "cuda" else " (fp32, channels_last)"),
+                 f"{fast:.1f} img/s", ""))
+    if device.type == "cuda":
+        slow = bench_vqgan(vq_cfg, vq_batch, device, False, False, 2, args.iters)
+        rows.append(("vqgan train step (fp32, default layout, no compile)", f"{slow:.1f} img/s",
+                     f"speed-up {fast / slow:.2f}x"))
+    tok_s = bench_prior_train(prior_cfg, prior_batch, device, args.compile, warmup, args.iters)
+    mfu = tok_s * prior_flops_per_token(prior_cfg) / peak
+    rows.append(("prior train step", f"{tok_s:,.0f} tokens/s", f"MFU {mfu:.1%}"))
+    # Without the cache every new token re-runs the whole prefix (O(T^2) work for T tokens); with it, one
+    # position per step attends to stored keys and values (O(T)).
+    cached = bench_sampling(prior_cfg, args.sample_batch, device, True, iters=2)
+    full = bench_sampling(prior_cfg, args.sample_batch, device, False, iters=1)
+    rows.append((f"sample {prior_cfg.n_tokens} tokens, KV cache", f"{cached:.2f} img/s", f"{cached / full:.1f}x faster"))
+    rows.append((f"sample {prior_cfg.n_tokens} tokens, full recompute", f"{full:.2f} img/s", ""))
+    return rows
+
+
+def peer_rows(device, iters):
+    """The project at the peers' shapes, with train.py's settings but uncompiled (fp32 on a CPU)."""
+    vq_s = 1 / bench_vqgan(PEER_VQGAN, 1, device, True, False, 1, max(1, iters // 5), perceptual=False)
+    rows = [("vqgan train step, taming f16 shape (256 px, batch 1, no perceptual)", f"{vq_s:.2f} s/img", "")]
+    for batch in (2, 8):
+        tok_s = bench_prior_train(PEER_PRIOR, batch, device, False, 2, iters)
+        rows.append((f"prior train step, GPT-2 small shape, batch {batch}", f"{tok_s:,.0f} tokens/s",
+                     f"{batch * PEER_PRIOR.n_tokens / tok_s * 1e3:.0f} ms/step"))
+    ceiling = matvec_bandwidth(device) / weights_read_per_token(prior.Prior(PEER_PRIOR))
+    for batch in (1, 8):
+        tok_s = bench_sampling(PEER_PRIOR, batch, device, True, iters=2) * PEER_PRIOR.n_tokens
+        note = f"{tok_s / ceiling:.0%} of the weight-bandwidth ceiling, {ceiling:.1f} tokens/s" if batch == 1 else ""
+        rows.append((f"sample 256 tokens, KV cache, batch {batch}", f"{tok_s:.1f} tokens/s", note))
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", choices=sorted(vqgan.PRESETS), default=None, help="model size (default: paper on CUDA, tiny on CPU)")
@@ -148,6 +208,8 @@ def main():
     p.add_argument("--sample-batch", type=int, default=8, help="sequences sampled at once")
     p.add_argument("--iters", type=int, default=10, help="timed iterations of each training step")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--peers", action="store_true",
+                   help="time the peers' shapes (taming's f16 VQGAN, a GPT-2-small prior) instead of --size")
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -163,30 +225,16 @@ def main():
     warmup = 5 if args.compile else 2
 
     # Each row: (what, value, note); printed as a table and optionally written as JSON.
-    rows = []
-    fast = bench_vqgan(vq_cfg, vq_batch, device, True, args.compile, warmup, args.iters)
-    rows.append(("vqgan train step" + (" (bf16 + channels_last)" if device.type == "cuda" else " (fp32)"),
-                 f"{fast:.1f} img/s", ""))
-    if device.type == "cuda":
-        slow = bench_vqgan(vq_cfg, vq_batch, device, False, False, 2, args.iters)
-        rows.append(("vqgan train step (fp32, default layout, no compile)", f"{slow:.1f} img/s",
-                     f"speed-up {fast / slow:.2f}x"))
-    tok_s = bench_prior_train(prior_cfg, prior_batch, device, args.compile, warmup, args.iters)
-    mfu = tok_s * prior_flops_per_token(prior_cfg) / peak
-    rows.append(("prior train step", f"{tok_s:,.0f} tokens/s", f"MFU {mfu:.1%}"))
-    # Without the cache every new token re-runs the whole prefix (O(T^2) work for T tokens); with it, one
-    # position per step attends to stored keys and values (O(T)).
-    cached = bench_sampling(prior_cfg, args.sample_batch, device, True, iters=2)
-    full = bench_sampling(prior_cfg, args.sample_batch, device, False, iters=1)
-    rows.append((f"sample {prior_cfg.n_tokens} tokens, KV cache", f"{cached:.2f} img/s", f"{cached / full:.1f}x faster"))
-    rows.append((f"sample {prior_cfg.n_tokens} tokens, full recompute", f"{full:.2f} img/s", ""))
-
+    rows = peer_rows(device, args.iters) if args.peers else size_rows(args, device, vq_cfg, prior_cfg, vq_batch,
+                                                                        prior_batch, peak, warmup)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device {name} | size {size} | torch {torch.__version__} | compile {args.compile} | "
-          f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
-    print(f"VQGAN {sum(p.numel() for p in vqgan.VQGAN(vq_cfg).parameters()) / 1e6:.1f}M params at "
-          f"{vq_cfg.image_size}px, batch {vq_batch} | prior {prior_cfg.n_layer} layers x {prior_cfg.n_embd}, "
-          f"batch {prior_batch} x {prior_cfg.n_tokens} tokens, {prior_flops_per_token(prior_cfg) / 1e9:.2f} GFLOP/token")
+    print(f"device {name} | {'peer shapes' if args.peers else 'size ' + size} | torch {torch.__version__} | "
+          f"compile {args.compile} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    if not args.peers:
+        print(f"VQGAN {sum(p.numel() for p in vqgan.VQGAN(vq_cfg).parameters()) / 1e6:.1f}M params at "
+              f"{vq_cfg.image_size}px, batch {vq_batch} | prior {prior_cfg.n_layer} layers x {prior_cfg.n_embd}, "
+              f"batch {prior_batch} x {prior_cfg.n_tokens} tokens, {prior_flops_per_token(prior_cfg) / 1e9:.2f} "
+              f"GFLOP/token")
     width = max(len(r[0]) for r in rows)
     for what, value, note in rows:
         print(f"  {what:<{width}}  {value:>18}  {note}")

@@ -12,6 +12,7 @@ arXiv 2111.13792) and adaptive-layer-norm conditioning in every block.
     python train.py --data imgs/ --stage prior          # trains this model on top of out/vqgan.pt
 """
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,18 +52,42 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout
 
-    def forward(self, x, past=None):
-        """x: (B, T, C) new positions; past: (k, v) of earlier positions, each (B, nh, T_past, hs), or None.
-        Returns the output and the (k, v) of all positions so far, for the next call."""
+    def forward(self, x, cache=None):
+        """x: (B, T, C) new positions. With a KVCache (this layer's view of it), the keys and values of
+        earlier positions come from it and the new ones are appended."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3x (B, nh, T, hs)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, nh, T_past + T, hs)
+        first = cache is None or cache.length == 0
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, nh, T_past + T, hs)
         # With a cache we only ever feed one new position, which may attend to everything before it, so the
         # causal mask is needed only when several positions arrive together with no past.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=past is None and T > 1,
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=first and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C)), (k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class KVCache:
+    """The keys and values of every position so far, per layer, for sampling one token at a time: each new
+    position attends to them instead of recomputing the whole sequence. The buffers are allocated once for
+    the whole sequence (at the first write, in the dtype autocast gives), so appending is a write, not a
+    copy of the past (torch.cat) at every step."""
+
+    def __init__(self, n_layer, max_len):
+        self.buffers, self.max_len, self.length, self.layer = [None] * n_layer, max_len, 0, 0
+
+    def at(self, layer):
+        self.layer = layer
+        return self
+
+    def append(self, k, v):  # (B, nh, T, hs) of the new positions -> those of all positions, (B, nh, length + T, hs)
+        if self.buffers[self.layer] is None:
+            shape = (*k.shape[:2], self.max_len, k.shape[3])
+            self.buffers[self.layer] = (k.new_empty(shape), v.new_empty(shape))
+        K, V = self.buffers[self.layer]
+        end = self.length + k.shape[2]
+        K[:, :, self.length:end], V[:, :, self.length:end] = k, v
+        return K[:, :, :end], V[:, :, :end]
 
 
 class Block(nn.Module):
@@ -78,17 +103,16 @@ class Block(nn.Module):
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
         self.ada = nn.Linear(cfg.n_embd, 4 * cfg.n_embd) if cfg.adaln else None
 
-    def forward(self, x, cond, past=None):  # x (B, T, C), cond (B, C)
+    def forward(self, x, cond, cache=None):  # x (B, T, C), cond (B, C)
         h1 = self.ln_1(x)
         if self.ada is not None:
             shift1, scale1, shift2, scale2 = self.ada(cond).unsqueeze(1).chunk(4, dim=-1)  # 4x (B, 1, C)
             h1 = h1 * (1 + scale1) + shift1
-        a, present = self.attn(h1, past)
-        x = x + a
+        x = x + self.attn(h1, cache)
         h2 = self.ln_2(x)
         if self.ada is not None:
             h2 = h2 * (1 + scale2) + shift2
-        return x + self.mlp(h2), present
+        return x + self.mlp(h2)
 
 
 class Prior(nn.Module):
@@ -142,33 +166,32 @@ class Prior(nn.Module):
         null = self.null_embedding.float().expand_as(e)
         return torch.where(drop.unsqueeze(1), null, e).to(self.cond_proj.weight.dtype)
 
-    def forward(self, embeddings, tokens, drop=None, past=None):
+    def forward(self, embeddings, tokens, drop=None, cache=None):
         """embeddings: (B, clip_dim) CLIP embeddings; tokens: (B, T) image tokens; drop: (B,) bool, rows
         that get the null condition. The condition is computed here, inside forward, so that under DDP every
         parameter (the null embedding too) is part of the graph DDP watches.
 
-        Without `past`: returns logits (B, T + 1, vocab) for image positions 0..T (all n_tokens of them when
-        fed tokens[:, :-1] in training), and the KV cache. With `past` (a list of per-layer (k, v) covering
-        the prefix and earlier tokens): `tokens` are the next positions only, logits are for the position
-        after each of them."""
+        Without a cache, or with an empty one: returns logits (B, T + 1, vocab) for image positions 0..T (all
+        n_tokens of them when fed tokens[:, :-1] in training). With a KVCache that holds the prefix and
+        earlier tokens: `tokens` are the next positions only, logits are for the position after each."""
         B, T = tokens.shape
         P = self.cfg.n_prefix
         cond = self.condition(embeddings, drop)  # (B, clip_dim), unit norm
         c = self.cond_vec(cond) if self.cond_vec is not None else None  # (B, C) for adaLN
-        if past is None:
+        start = 0 if cache is None else cache.length  # positions already in the cache
+        if start == 0:
             prefix = self.cond_proj(cond).view(B, P, -1)  # (B, clip_dim) -> (B, P, C)
             x = torch.cat([prefix, self.tok_emb(tokens)], dim=1) + self.pos_emb[:P + T]  # (B, P + T, C)
             first = P - 1  # logits from the last prefix position on
         else:
-            start = past[0][0].shape[2]  # positions already in the cache
             x = self.tok_emb(tokens) + self.pos_emb[start:start + T]  # (B, T, C)
             first = 0
         x = self.drop(x)
-        presents = []
         for i, block in enumerate(self.blocks):
-            x, present = block(x, c, None if past is None else past[i])
-            presents.append(present)
-        return self.head(self.ln_f(x[:, first:])), presents  # (B, T + 1 or T, vocab)
+            x = block(x, c, None if cache is None else cache.at(i))
+        if cache is not None:
+            cache.length += x.shape[1]
+        return self.head(self.ln_f(x[:, first:]))  # (B, T + 1 or T, vocab)
 
     @torch.no_grad()
     def sample(self, embeddings, temperature=1.0, top_k=None, top_p=None, guidance=1.0, generator=None,
@@ -183,21 +206,36 @@ class Prior(nn.Module):
         drop = torch.zeros(B, dtype=torch.bool, device=device)
         if guidance != 1.0:  # second half: the same rows with the null condition
             embeddings, drop = torch.cat([embeddings, embeddings]), torch.cat([drop, ~drop])
-        tokens = torch.zeros(embeddings.shape[0], 0, dtype=torch.long, device=device)
-        past = None
-        for _ in range(self.cfg.n_tokens):
-            if use_cache:
-                logits, past = self(embeddings, tokens[:, -1:] if past is not None else tokens, drop, past)
-            else:
-                logits, _ = self(embeddings, tokens, drop)
-            logits = logits[:, -1].float()  # (B or 2B, vocab): the next position
-            if guidance != 1.0:
-                c, u = logits.chunk(2)
-                logits = u + guidance * (c - u)
-            nxt = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (B,)
-            nxt = torch.cat([nxt, nxt]) if guidance != 1.0 else nxt  # both halves continue with the same token
-            tokens = torch.cat([tokens, nxt.unsqueeze(1)], dim=1)
+        tokens = torch.zeros(embeddings.shape[0], self.cfg.n_tokens, dtype=torch.long, device=device)
+        cache = KVCache(self.cfg.n_layer, self.cfg.n_prefix + self.cfg.n_tokens) if use_cache else None
+        with self.matvec_layout():
+            for t in range(self.cfg.n_tokens):
+                fed = tokens[:, t - 1:t] if use_cache and t > 0 else tokens[:, :t]  # the new token, or all so far
+                logits = self(embeddings, fed, drop, cache)[:, -1].float()  # (B or 2B, vocab): the next position
+                if guidance != 1.0:
+                    c, u = logits.chunk(2)
+                    logits = u + guidance * (c - u)
+                nxt = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (B,)
+                tokens[:, t] = torch.cat([nxt, nxt]) if guidance != 1.0 else nxt  # both halves continue alike
         return tokens[:B]
+
+    @contextmanager
+    def matvec_layout(self):
+        """Sampling a few sequences multiplies each weight matrix by a few vectors per token, so on a CPU
+        its speed is memory bandwidth: every weight is read once per token. MKL streams a matrix laid out
+        (in, out) faster than PyTorch's (out, in) when out > in (measured on 2 cores with 768-wide inputs:
+        17-20 GB/s against 11; bench.py --peers), so while sampling, those matrices take that layout: the
+        same values, which F.linear accepts in either layout. Restored on exit (training wants its own)."""
+        wide = [m for m in self.modules() if isinstance(m, nn.Linear) and m.out_features > m.in_features]
+        saved = [m.weight.data for m in wide]
+        if self.head.weight.device.type == "cpu":
+            for m in wide:
+                m.weight.data = m.weight.data.t().contiguous().t()
+        try:
+            yield
+        finally:
+            for m, w in zip(wide, saved):
+                m.weight.data = w
 
 
 def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):

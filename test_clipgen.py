@@ -12,7 +12,6 @@ import json
 import math
 import os
 import pickletools
-import re
 import signal
 import subprocess
 import sys
@@ -779,12 +778,12 @@ def test_prior_is_causal(adaln):
     model = tiny_prior(adaln=adaln).eval()
     emb = torch.randn(2, 32)
     tokens = torch.randint(128, (2, 63))
-    logits, _ = model(emb, tokens)
+    logits = model(emb, tokens)
     assert logits.shape == (2, 64, 128)
     for t in (0, 17, 62):
         changed = tokens.clone()
         changed[:, t] = (changed[:, t] + 1) % 128
-        logits2, _ = model(emb, changed)
+        logits2 = model(emb, changed)
         # logits[:, i] predicts token i from tokens < i: positions up to t can not see token t
         assert torch.equal(logits[:, :t + 1], logits2[:, :t + 1])
         assert not torch.allclose(logits[:, t + 1:], logits2[:, t + 1:])
@@ -802,6 +801,19 @@ def test_kv_cache_sampling_equals_full_recompute(adaln, guidance):
     assert not torch.equal(cached, other_seed)
 
 
+def test_sampling_layout_is_the_same_function_and_is_restored():
+    model = tiny_prior().eval()
+    emb, tokens = torch.randn(2, 32), torch.randint(128, (2, 10))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with model.matvec_layout():
+        assert model.blocks[0].attn.qkv.weight.stride() == (1, 192)  # (in, out) in memory while sampling
+        assert model.blocks[0].mlp[2].weight.stride() == (256, 1)  # out < in: left as it was
+        inside = model(emb, tokens)
+    assert torch.allclose(inside, model(emb, tokens), atol=1e-5)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_top_k_1_is_greedy_and_guidance_1_is_conditional():
     model = tiny_prior().eval()
     emb = torch.randn(2, 32)
@@ -811,7 +823,7 @@ def test_top_k_1_is_greedy_and_guidance_1_is_conditional():
     tokens = torch.zeros(2, 0, dtype=torch.long)
     drop = torch.tensor([False, False, True, True])
     for _ in range(64):
-        logits, _ = model(torch.cat([emb, emb]), torch.cat([tokens, tokens]), drop)
+        logits = model(torch.cat([emb, emb]), torch.cat([tokens, tokens]), drop)
         c, u = logits[:, -1].chunk(2)
         tokens = torch.cat([tokens, (u + 1.0 * (c - u)).argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(tokens, greedy)
@@ -853,7 +865,7 @@ def test_embedding_loss_trains_the_prior_only(frozen_pair):
     vq, clip_model = frozen_pair
     model = tiny_prior(vocab_size=TINY.codebook_size)
     emb, tokens = torch.randn(2, 32), torch.randint(128, (2, 64))
-    logits, _ = model(emb, tokens[:, :-1])
+    logits = model(emb, tokens[:, :-1])
     loss = prior.embedding_reconstruction_loss(logits, emb, vq, clip_model).mean()
     loss.backward()
     assert model.head.weight.grad.abs().sum() > 0 and model.cond_proj.weight.grad.abs().sum() > 0
@@ -864,7 +876,7 @@ def test_embedding_loss_trains_the_prior_only(frozen_pair):
 
     def embed_loss():
         torch.manual_seed(123)
-        return prior.embedding_reconstruction_loss(model(emb, tokens[:, :-1])[0], emb, vq, clip_model).mean()
+        return prior.embedding_reconstruction_loss(model(emb, tokens[:, :-1]), emb, vq, clip_model).mean()
     first = embed_loss().item()
     for _ in range(15):
         opt.zero_grad()
@@ -878,7 +890,7 @@ def test_clipgen_loss_leaves_null_condition_rows_out_of_the_embedding_loss(froze
     model = tiny_prior(vocab_size=TINY.codebook_size)
     emb, tokens = torch.randn(4, 32), torch.randint(128, (4, 64))
     drop = torch.tensor([False, True, False, False])
-    logits, _ = model(emb, tokens[:, :-1], drop)
+    logits = model(emb, tokens[:, :-1], drop)
     torch.manual_seed(7)  # the same Gumbel noise in both calls
     loss, ce, embed = prior.clipgen_loss(logits, tokens, emb, drop, 0.5, 3, vq, clip_model)
     torch.manual_seed(7)
@@ -901,7 +913,7 @@ def test_tiny_prior_overfits_cached_tokens():
     model = tiny_prior(n_embd=128)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(200):
-        logits, _ = model(emb, tokens[:, :-1])
+        logits = model(emb, tokens[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
         opt.zero_grad()
         loss.backward()
