@@ -130,7 +130,8 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0, help="random seed of data order, augmentation and initialisation")
     g.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints and sample grids")
-    g.add_argument("--workers", type=int, default=4, help="data-loading processes per GPU/process")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes per GPU/process (default: 4, or the CPU cores if fewer)")
     g.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
     return p
 
@@ -144,6 +145,8 @@ def parse_args(argv=None):
             setattr(args, name, value)
     if args.warmup is None:
         args.warmup = min(1000, max(1, args.prior_steps // 10))
+    if args.workers is None:
+        args.workers = min(4, os.cpu_count() or 1)
     for name in ("batch_size", "grad_accum", "keep_checkpoints", "vqgan_steps", "prior_steps", "log_every",
                  "save_every", "embed_loss_every", "embed_loss_batch", "warmup"):
         if getattr(args, name) < 1:
