@@ -128,9 +128,12 @@ def scan_source(stat):
     try:
         with tarfile.open(path, "r:") as tar:
             for m in tar:  # reads member headers, seeking past the data
-                if m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS):
-                    ok = _readable(ImageRef(path, m.name, m.offset_data, m.size))
-                    (images if ok else bad).append([m.name, m.offset_data, m.size] if ok else f"{path}:{m.name}")
+                if not (m.isfile() and m.name.lower().endswith(IMAGE_EXTENSIONS)):
+                    continue
+                if _readable(ImageRef(path, m.name, m.offset_data, m.size)):
+                    images.append([m.name, m.offset_data, m.size])
+                else:
+                    bad.append(f"{path}:{m.name}")
     except (tarfile.TarError, OSError) as e:
         bad.append(f"{path} (not an uncompressed tar file: {e})")
     return {"source": stat, "images": images, "bad": bad}
@@ -160,10 +163,7 @@ def read_manifest(path):
 
 
 def write_manifest(path, entries):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"entries": entries}, f)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(json.dumps({"entries": entries}).encode()))
 
 
 def open_rgb(file):
@@ -269,12 +269,17 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def save_checkpoint(obj, path):
-    """torch.save to a temp file in the same folder, then an atomic rename: a crash mid-write never
-    leaves a truncated checkpoint where a good one was."""
+def write_atomically(path, write):
+    """write(f) into a temp file in the same folder, then an atomic rename: a crash mid-write never leaves a
+    truncated file where a good one was, and a file that exists is complete."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        write(f)
     os.replace(tmp, path)
+
+
+def save_checkpoint(obj, path):
+    write_atomically(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path, kind):
@@ -297,11 +302,7 @@ def load_checkpoint(path, kind):
 
 
 def save_npy(array, path):
-    """np.save through a temp file and an atomic rename: a chunk file that exists is complete."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: np.save(f, array))
 
 
 class ChunkedArray:
@@ -314,6 +315,10 @@ class ChunkedArray:
 
     def __len__(self):
         return int(self.starts[-1])
+
+    @property
+    def shape(self):
+        return (len(self), *self.parts[0].shape[1:])
 
     def __getitem__(self, rows):
         """rows (a sequence of ints) -> an ndarray (len(rows), ...) copied out of the files."""

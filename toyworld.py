@@ -20,6 +20,7 @@ still seen with others), so asking for them tests composition, not memory. The w
     python toyworld.py clip --out toyclip.pt              # re-make the shipped CLIP (a few minutes on a CPU)
 """
 import argparse
+import functools
 import itertools
 import math
 import os
@@ -108,11 +109,12 @@ def _shape(mask):
     return np.asarray(Image.fromarray(crop).resize((TEMPLATE, TEMPLATE), Image.BILINEAR)) > 127
 
 
+@functools.cache
 def _templates():
     return {l: _shape(_mask(np.asarray(render(l, "blue", ("template", l)), dtype=np.float64))[0]) for l in LETTERS}
 
 
-def read_attributes(image, templates=None):
+def read_attributes(image):
     """(3, H, W) tensor in [-1, 1] or a PIL image -> (letter, colour); None for what can not be read (too
     few foreground pixels: a blank or smeared sample)."""
     rgb = np.asarray(image, dtype=np.float64) if isinstance(image, Image.Image) else \
@@ -123,14 +125,13 @@ def read_attributes(image, templates=None):
     mean = rgb[core].mean(axis=0)
     colour = min(COLOURS, key=lambda c: np.abs(mean - COLOURS[c]).sum())
     shape = _shape(mask)
-    iou = {l: (shape & t).sum() / max((shape | t).sum(), 1) for l, t in (templates or _templates()).items()}
+    iou = {l: (shape & t).sum() / max((shape | t).sum(), 1) for l, t in _templates().items()}
     return max(iou, key=iou.get), colour
 
 
 def readout_accuracy(images, labels):
     """Share of images whose letter and colour both read as labelled."""
-    templates = _templates()
-    return sum(read_attributes(x, templates) == tuple(y) for x, y in zip(images, labels)) / len(labels)
+    return sum(read_attributes(x) == tuple(y) for x, y in zip(images, labels)) / len(labels)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -210,10 +211,10 @@ def add_modality_gap(model, matched_cosine=0.3):
 def evaluate(gen, n=8, keep=2, seed=0, **sampling):
     """Prompt every combination; -> {"seen", "held_out"} shares of kept samples with letter and colour right,
     the per-combination accuracies, and the kept images (a list per combination)."""
-    templates, per_combination = _templates(), {}
+    per_combination = {}
     results = gen.generate([caption(l, c) for l, c in COMBINATIONS], n=n, keep=keep, seed=seed, **sampling)
     for combo, kept in zip(COMBINATIONS, results):
-        per_combination[combo] = sum(read_attributes(im, templates) == combo for im, _ in kept) / len(kept)
+        per_combination[combo] = sum(read_attributes(im) == combo for im, _ in kept) / len(kept)
     mean = lambda combos: sum(per_combination[c] for c in combos) / len(combos)
     return {"seen": mean(SEEN), "held_out": mean(HELD_OUT), "per_combination": per_combination,
             "images": [[im for im, _ in kept] for kept in results]}

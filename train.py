@@ -360,6 +360,12 @@ def cache_chunk_size(n_images):
     return min(CACHE_CHUNK_MAX, math.ceil(n_images / CACHE_CHUNKS))
 
 
+def cache_chunks(n_images):
+    """The image indices of each cache chunk: consecutive ranges of cache_chunk_size images."""
+    size = cache_chunk_size(n_images)
+    return [range(start, min(start + size, n_images)) for start in range(0, n_images, size)]
+
+
 def cache_key(fingerprint, vqgan_sha256, clip_name, image_size):
     """A digest of everything the cached tokens and embeddings depend on: the images (scan_data's
     fingerprint of the sources' paths, sizes and times), the VQGAN weights (their file's SHA-256), the CLIP,
@@ -388,14 +394,12 @@ def build_cache(images, vq, clip_model, folder, proc, stop, workers=0):
     os.makedirs(folder, exist_ok=True)
     dataset = data.ImageFolder(images, vq.cfg.image_size)
     token_dtype = np.uint16 if vq.cfg.codebook_size <= 1 << 16 else np.int32
-    chunk_size = cache_chunk_size(len(images))
-    n_chunks = math.ceil(len(images) / chunk_size)
-    mine = [c for c in range(proc.rank, n_chunks, proc.world) if not os.path.exists(cache_file(folder, "tokens", c))]
-    batches = [list(range(i, min(i + CACHE_BATCH, (c + 1) * chunk_size, len(images))))
-               for c in mine for i in range(c * chunk_size, min((c + 1) * chunk_size, len(images)), CACHE_BATCH)]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers)
+    chunks = cache_chunks(len(images))
+    mine = [c for c in range(proc.rank, len(chunks), proc.world) if not os.path.exists(cache_file(folder, "tokens", c))]
+    batches = [(c, list(chunks[c][i:i + CACHE_BATCH])) for c in mine for i in range(0, len(chunks[c]), CACHE_BATCH)]
+    loader = DataLoader(dataset, batch_sampler=[b for _, b in batches], num_workers=workers)
     tokens, embeddings = [], []
-    for batch, x in zip(batches, loader):
+    for (chunk, batch), x in zip(batches, loader):
         if stop.signal is not None:
             print(f"stopped by signal {stop.signal} while encoding images for stage 2; finished cache chunks are "
                   f"kept in {folder}, and the next run encodes only the rest")
@@ -404,8 +408,7 @@ def build_cache(images, vq, clip_model, folder, proc, stop, workers=0):
         tokens.append(vq.encode(x).flatten(1).cpu().numpy().astype(token_dtype))  # (2b, h*w)
         clip_in = clip_loader.preprocess_tensor(x, clip_model.arch.image_resolution)
         embeddings.append(clip_model.encode_image(clip_in).float().cpu().numpy().astype(np.float16))  # (2b, clip_dim)
-        if (batch[-1] + 1) % chunk_size == 0 or batch[-1] + 1 == len(images):  # the chunk is complete
-            chunk = batch[-1] // chunk_size
+        if batch[-1] == chunks[chunk][-1]:  # the chunk is complete
             data.save_npy(np.concatenate(embeddings), cache_file(folder, "embeddings", chunk))
             data.save_npy(np.concatenate(tokens), cache_file(folder, "tokens", chunk))  # last: marks it done
             tokens, embeddings = [], []
@@ -479,7 +482,7 @@ def train_prior(args, images, fingerprint, proc):
     vqgan_sha256 = data.sha256_of(vqgan_path)
     stop = GracefulStop()  # from here on: a signal during the cache build must not wait for the whole build
     folder = os.path.join(args.out, "prior_cache_" + cache_key(fingerprint, vqgan_sha256, args.clip, vq.cfg.image_size)[:16])
-    n_chunks = math.ceil(len(images) / cache_chunk_size(len(images)))
+    n_chunks = len(cache_chunks(len(images)))
     missing = sum(not os.path.exists(cache_file(folder, "tokens", c)) for c in range(n_chunks))
     if proc.master and missing:
         print(f"encoding {len(images)} images (and their mirror images) with the VQGAN and CLIP in {proc.world} "
@@ -504,8 +507,8 @@ def train_prior(args, images, fingerprint, proc):
              f"lower --batch-size or --grad-accum")
 
     # The prior's vocabulary, sequence length and condition size are read off the VQGAN and CLIP actually used.
-    cfg = replace(prior.PRESETS[args.preset], vocab_size=vq.cfg.codebook_size, n_tokens=tokens.parts[0].shape[1],
-                  clip_dim=embeddings.parts[0].shape[1], adaln=args.adaln, remove_mean=args.remove_mean)
+    cfg = replace(prior.PRESETS[args.preset], vocab_size=vq.cfg.codebook_size, n_tokens=tokens.shape[1],
+                  clip_dim=embeddings.shape[1], adaln=args.adaln, remove_mean=args.remove_mean)
     ckpt, ckpt_path = latest_checkpoint(args, "prior", proc)
     if ckpt is not None:
         if ckpt["vqgan_sha256"] != vqgan_sha256:
@@ -647,8 +650,8 @@ def scan_data(args, proc):
         fail(listing)
     known = data.read_manifest(manifest_path)
     todo = [s for s in listing if s[0] not in known or known[s[0]]["source"] != s]
-    scanned = {e["source"][0]: e for part in gather_objects([data.scan_source(s) for s in todo[proc.rank::proc.world]], proc)
-               for e in part}
+    mine = [data.scan_source(s) for s in todo[proc.rank::proc.world]]
+    scanned = {e["source"][0]: e for part in gather_objects(mine, proc) for e in part}
     entries = [scanned[s[0]] if s[0] in scanned else known[s[0]] for s in listing]
     if proc.master and (todo or len(known) != len(listing)):
         os.makedirs(args.out, exist_ok=True)
