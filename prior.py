@@ -12,7 +12,6 @@ arXiv 2111.13792) and adaptive-layer-norm conditioning in every block.
     python train.py --data imgs/ --stage prior          # trains this model on top of out/vqgan.pt
 """
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -204,36 +203,27 @@ class Prior(nn.Module):
             embeddings, drop = torch.cat([embeddings, embeddings]), torch.cat([drop, ~drop])
         tokens = torch.zeros(embeddings.shape[0], self.cfg.n_tokens, dtype=torch.long, device=device)
         cache = KVCache(self.cfg.n_layer, self.cfg.n_prefix + self.cfg.n_tokens) if use_cache else None
-        with self.matvec_layout():
-            for t in range(self.cfg.n_tokens):
-                fed = tokens[:, t - 1:t] if use_cache and t > 0 else tokens[:, :t]  # the new token, or all so far
-                logits = self(embeddings, fed, drop, cache)[:, -1].float()  # (B or 2B, vocab): the next position
-                if guidance != 1.0:
-                    c, u = logits.chunk(2)
-                    logits = u + guidance * (c - u)
-                nxt = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (B,)
-                tokens[:, t] = torch.cat([nxt, nxt]) if guidance != 1.0 else nxt  # both halves continue alike
+        for t in range(self.cfg.n_tokens):
+            fed = tokens[:, t - 1:t] if use_cache and t > 0 else tokens[:, :t]  # the new token, or all so far
+            logits = self(embeddings, fed, drop, cache)[:, -1].float()  # (B or 2B, vocab): the next position
+            if guidance != 1.0:
+                c, u = logits.chunk(2)
+                logits = u + guidance * (c - u)
+            nxt = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (B,)
+            tokens[:, t] = torch.cat([nxt, nxt]) if guidance != 1.0 else nxt  # both halves continue alike
         return tokens[:B]
 
-    @contextmanager
-    def matvec_layout(self):
+    def use_matvec_layout(self):
         """Sampling a few sequences multiplies each weight matrix by a few vectors per token, so on a CPU
         its speed is memory bandwidth: every weight is read once per token. MKL streams a matrix laid out
-        (in, out) faster than PyTorch's (out, in) when out > in (measured on 2 cores with 768-wide inputs:
-        17-20 GB/s against 11; bench.py --peers), so while sampling, those matrices take that layout: the
-        same values, which F.linear accepts in either layout. Restored on exit (training wants its own)."""
-        if self.head.weight.device.type != "cpu":  # measured on CPUs only
-            yield
-            return
-        wide = [m for m in self.modules() if isinstance(m, nn.Linear) and m.out_features > m.in_features]
-        saved = [m.weight.data for m in wide]
-        for m in wide:
-            m.weight.data = m.weight.data.t().contiguous().t()
-        try:
-            yield
-        finally:
-            for m, w in zip(wide, saved):
-                m.weight.data = w
+        (in, out) faster than PyTorch's (out, in) when out >= in (measured on 2 cores with 768-wide inputs:
+        12-20 GB/s against 11; bench.py --peers), so load_prior stores those matrices that way on a CPU:
+        the same values, which F.linear, the optimizers and state_dict accept in either layout. Done once,
+        at load: the transposing copy costs as much as sampling a few tokens. In place; returns the model."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.out_features >= m.in_features:
+                m.weight.data = m.weight.data.t().contiguous().t()
+        return self
 
 
 def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
@@ -302,9 +292,11 @@ def clipgen_loss(logits, tokens, embeddings, drop, embed_weight=0.0, embed_rows=
 
 
 def load_prior(path, device="cpu"):
-    """A Prior rebuilt from its self-describing checkpoint (written by train.py), in eval mode, and the
-    checkpoint dict (which names the CLIP and VQGAN it was trained with)."""
+    """A Prior rebuilt from its self-describing checkpoint (written by train.py), in eval mode (and, on a
+    CPU, in the matvec layout sampling wants), and the checkpoint dict (which names the CLIP and VQGAN it
+    was trained with)."""
     ckpt = data.load_checkpoint(path, "prior")
     model = Prior(PriorConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+    model = model.to(device).eval()
+    return (model.use_matvec_layout() if torch.device(device).type == "cpu" else model), ckpt

@@ -802,17 +802,21 @@ def test_kv_cache_sampling_equals_full_recompute(adaln, guidance):
     assert not torch.equal(cached, other_seed)
 
 
-def test_sampling_layout_is_the_same_function_and_is_restored():
+def test_the_matvec_layout_is_the_same_function_and_the_same_checkpoint(tmp_path):
     model = tiny_prior().eval()
     emb, tokens = torch.randn(2, 32), torch.randint(128, (2, 10))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with model.matvec_layout():
-        assert model.blocks[0].attn.qkv.weight.stride() == (1, 192)  # (in, out) in memory while sampling
-        assert model.blocks[0].mlp[2].weight.stride() == (256, 1)  # out < in: left as it was
-        inside = model(emb, tokens)
-    assert torch.allclose(inside, model(emb, tokens), atol=1e-5)
-    assert all(p.is_contiguous() for p in model.parameters())
+    before, logits = {k: v.clone() for k, v in model.state_dict().items()}, model(emb, tokens)
+    model.use_matvec_layout()
+    assert model.blocks[0].attn.qkv.weight.stride() == (1, 192)  # (in, out) in memory: out > in
+    assert model.blocks[0].attn.proj.weight.stride() == (1, 64)  # out == in
+    assert model.blocks[0].mlp[2].weight.stride() == (256, 1)  # out < in: left as it was
+    assert torch.allclose(model(emb, tokens), logits, atol=1e-5)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # What load_prior gives on a CPU: that layout, from an ordinary checkpoint.
+    torch.save({"kind": "prior", "config": model.cfg.__dict__, "model": tiny_prior().state_dict()},
+               tmp_path / "prior.pt")
+    loaded, _ = prior.load_prior(str(tmp_path / "prior.pt"))
+    assert loaded.blocks[1].mlp[0].weight.stride() == (1, 256) and not loaded.training
 
 
 def test_top_k_1_is_greedy_and_guidance_1_is_conditional():
@@ -1495,6 +1499,36 @@ def test_toyworld_readout_reads_the_worlds_images_and_can_be_wrong():
     assert toyworld.read_attributes(red_t[0].transpose(1, 2))[0] != "T"  # a T on its side is no T
 
 
+class ChannelSwap(torch.nn.Module):
+    """A stand-in tokenizer for the reconstruction report: returns the image, optionally as BGR."""
+    def __init__(self, swap):
+        super().__init__()
+        self.swap, self.cfg = swap, vqgan.VQGANConfig(image_size=32)
+
+    def forward(self, x):
+        return (x.flip(1) if self.swap else x), None, None
+
+
+def test_reconstruction_report_tells_letters_colours_and_held_out_combinations_apart():
+    assert toyworld.reconstruction_report(ChannelSwap(False), per_combination=2) == \
+        {"both": 1.0, "letter": 1.0, "colour": 1.0, "held_out": 1.0}
+    # As BGR only green stays green (red <-> blue, yellow reads blue); of the held-out combinations only
+    # the green X is still right.
+    assert toyworld.reconstruction_report(ChannelSwap(True), per_combination=2) == \
+        {"both": 0.25, "letter": 1.0, "colour": 0.25, "held_out": 0.25}
+
+
+def test_toyworld_command_line_refuses_bad_input(tmp_path, capsys):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.png").write_bytes(b"")
+    for argv, message in ((["images", "--out", str(tmp_path / "full")], "is not empty"),
+                          (["eval", "--run", str(tmp_path), "--seeds", "0"], "--seeds 0")):
+        with pytest.raises(SystemExit) as e:
+            toyworld.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert os.listdir(tmp_path / "full") == ["mine.png"]
+
+
 def test_shipped_toy_clip_loads_like_openais_and_has_the_modality_gap():
     model, _ = clip_loader.load(toyworld.SHIPPED_CLIP)
     assert model.arch == toyworld.CLIP_ARCH
@@ -1521,7 +1555,7 @@ def toy_run(tmp_path_factory):
 
 
 def test_toyworld_prompts_get_their_letter_and_colour(toy_run):
-    reconstructions = toyworld.reconstruction_accuracy(toy_run.vqgan, per_combination=4)
+    reconstructions = toyworld.reconstruction_report(toy_run.vqgan, per_combination=4)["both"]
     result = toyworld.evaluate(toy_run, n=4, keep=1)
     print(f"toy world, CI recipe: reconstructions {reconstructions:.2f}, seen {result['seen']:.2f}, "
           f"held out {result['held_out']:.2f}")

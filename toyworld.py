@@ -208,24 +208,33 @@ def add_modality_gap(model, matched_cosine=0.3):
 # Evaluation of a trained clipgen run
 
 
-def evaluate(gen, n=8, keep=2, seed=0, **sampling):
-    """Prompt every combination; -> {"seen", "held_out"} shares of kept samples with letter and colour right,
-    the per-combination accuracies, and the kept images (a list per combination)."""
-    per_combination = {}
-    results = gen.generate([caption(l, c) for l, c in COMBINATIONS], n=n, keep=keep, seed=seed, **sampling)
-    for combo, kept in zip(COMBINATIONS, results):
-        per_combination[combo] = sum(read_attributes(im) == combo for im, _ in kept) / len(kept)
+def evaluate(gen, n=8, keep=2, seeds=1, **sampling):
+    """Prompt every combination with sampling seeds 0..seeds-1; -> {"seen", "held_out"} shares of kept
+    samples with letter and colour right, the per-combination accuracies, and the kept images (a list per
+    combination, all seeds')."""
+    kept = {combo: [] for combo in COMBINATIONS}
+    for seed in range(seeds):
+        results = gen.generate([caption(l, c) for l, c in COMBINATIONS], n=n, keep=keep, seed=seed, **sampling)
+        for combo, ranked in zip(COMBINATIONS, results):
+            kept[combo] += [im for im, _ in ranked]
+    per_combination = {combo: sum(read_attributes(im) == combo for im in ims) / len(ims) for combo, ims in kept.items()}
     mean = lambda combos: sum(per_combination[c] for c in combos) / len(combos)
     return {"seen": mean(SEEN), "held_out": mean(HELD_OUT), "per_combination": per_combination,
-            "images": [[im for im, _ in kept] for kept in results]}
+            "images": list(kept.values())}
 
 
 @torch.no_grad()
-def reconstruction_accuracy(vq, per_combination=16):
-    """Readout accuracy of VQGAN reconstructions of fresh images: what the prior can at best reach."""
+def reconstruction_report(vq, per_combination=16):
+    """Readout of VQGAN reconstructions of fresh images, what the prior can at best reach: -> the shares
+    with both attributes right ("both"), the letter, the colour, and both on the held-out combinations
+    alone, which the tokenizer never saw either (it may recolour them with a colour it saw on that shape)."""
     images, labels = fresh_images(per_combination, seed="recon", size=vq.cfg.image_size)
     recon = torch.cat([vq(images[i:i + 64])[0].clamp(-1, 1) for i in range(0, len(images), 64)])
-    return readout_accuracy(recon, labels)
+    read = [read_attributes(x) for x in recon]
+    share = lambda pairs: sum(a == b for a, b in pairs) / len(pairs)
+    return {"both": share(list(zip(read, labels))), "letter": share([(r[0], y[0]) for r, y in zip(read, labels)]),
+            "colour": share([(r[1], y[1]) for r, y in zip(read, labels)]),
+            "held_out": share([(r, y) for r, y in zip(read, labels) if y in HELD_OUT])}
 
 
 def main(argv=None):
@@ -244,11 +253,14 @@ def main(argv=None):
     s.add_argument("--clip", default=None, help="CLIP for the prompts (default: the run's)")
     s.add_argument("--n", type=int, default=8, help="candidates per prompt")
     s.add_argument("--keep", type=int, default=2, help="kept per prompt, by CLIP score")
+    s.add_argument("--seeds", type=int, default=1, help="repeat with sampling seeds 0..SEEDS-1 (more samples, less noise)")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--grid", default=None, help="also save the kept samples here as one PNG, a row per letter")
     args = p.parse_args(argv)
+    if args.command == "eval" and args.seeds < 1:
+        p.error(f"--seeds {args.seeds}: give at least 1")
     if args.command == "images":
         if os.path.isdir(args.out) and os.listdir(args.out):
             p.error(f"--out {args.out!r} is not empty; choose a new folder")
@@ -271,17 +283,19 @@ def main(argv=None):
         except (ValueError, RuntimeError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
         t0 = time.time()
-        result = evaluate(gen, n=args.n, keep=args.keep, guidance=args.guidance, temperature=args.temperature,
-                          top_k=args.top_k)
+        result = evaluate(gen, n=args.n, keep=args.keep, seeds=args.seeds, guidance=args.guidance,
+                          temperature=args.temperature, top_k=args.top_k)
         print(f"prompts, seen combinations:     {result['seen']:.1%} of samples with letter and colour right")
         print(f"prompts, held-out combinations: {result['held_out']:.1%}   ({time.time() - t0:.0f}s)")
-        print(f"reconstructions of fresh images: {reconstruction_accuracy(gen.vqgan.cpu()):.1%}")
+        recon = reconstruction_report(gen.vqgan.cpu())
+        print(f"reconstructions of fresh images: {recon['both']:.1%} (letter {recon['letter']:.1%}, colour "
+              f"{recon['colour']:.1%}; held-out combinations {recon['held_out']:.1%})")
         for (l, c), acc in result["per_combination"].items():
             print(f"  {caption(l, c):<22} {acc:.0%}{'  (held out)' if (l, c) in HELD_OUT else ''}")
         if args.grid:
             rows = [torch.from_numpy(np.array(im)).permute(2, 0, 1) for kept in result["images"] for im in kept]
             # A row per letter, a column block per colour: the letter x colour table, held-out cells included.
-            save_image(torch.stack(rows).float() / 255, args.grid, nrow=args.keep * len(COLOURS), padding=1)
+            save_image(torch.stack(rows).float() / 255, args.grid, nrow=args.keep * args.seeds * len(COLOURS), padding=1)
             print(f"grid: {args.grid}")
 
 
