@@ -1491,7 +1491,7 @@ def test_symlink_loops_are_walked_once(tmp_path):
 def test_toyworld_readout_reads_the_worlds_images_and_can_be_wrong():
     for size in (64, 32):
         images, labels = toyworld.fresh_images(3, seed="test", size=size)
-        assert toyworld.readout_accuracy(images, labels) == 1.0, size
+        assert all(toyworld.read_attributes(x) == y for x, y in zip(images, labels)), size
     assert toyworld.read_attributes(torch.zeros(3, 64, 64)) == (None, None)  # a blank image reads as nothing
     red_t, _ = toyworld.fresh_images(1, combinations=[("T", "red")])
     assert toyworld.read_attributes(red_t[0]) == ("T", "red")

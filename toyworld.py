@@ -129,11 +129,6 @@ def read_attributes(image):
     return max(iou, key=iou.get), colour
 
 
-def readout_accuracy(images, labels):
-    """Share of images whose letter and colour both read as labelled."""
-    return sum(read_attributes(x) == tuple(y) for x, y in zip(images, labels)) / len(labels)
-
-
 # -----------------------------------------------------------------------------------------------------------
 # The tiny CLIP: OpenAI's architecture at toy size, trained contrastively on the world's captions.
 
@@ -217,7 +212,8 @@ def evaluate(gen, n=8, keep=2, seeds=1, **sampling):
         results = gen.generate([caption(l, c) for l, c in COMBINATIONS], n=n, keep=keep, seed=seed, **sampling)
         for combo, ranked in zip(COMBINATIONS, results):
             kept[combo] += [im for im, _ in ranked]
-    per_combination = {combo: sum(read_attributes(im) == combo for im in ims) / len(ims) for combo, ims in kept.items()}
+    per_combination = {combo: sum(read_attributes(im) == combo for im in ims) / len(ims)
+                       for combo, ims in kept.items()}
     mean = lambda combos: sum(per_combination[c] for c in combos) / len(combos)
     return {"seen": mean(SEEN), "held_out": mean(HELD_OUT), "per_combination": per_combination,
             "images": list(kept.values())}
@@ -232,7 +228,8 @@ def reconstruction_report(vq, per_combination=16):
     recon = torch.cat([vq(images[i:i + 64])[0].clamp(-1, 1) for i in range(0, len(images), 64)])
     read = [read_attributes(x) for x in recon]
     share = lambda pairs: sum(a == b for a, b in pairs) / len(pairs)
-    return {"both": share(list(zip(read, labels))), "letter": share([(r[0], y[0]) for r, y in zip(read, labels)]),
+    return {"both": share(list(zip(read, labels))),
+            "letter": share([(r[0], y[0]) for r, y in zip(read, labels)]),
             "colour": share([(r[1], y[1]) for r, y in zip(read, labels)]),
             "held_out": share([(r, y) for r, y in zip(read, labels) if y in HELD_OUT])}
 
@@ -253,7 +250,8 @@ def main(argv=None):
     s.add_argument("--clip", default=None, help="CLIP for the prompts (default: the run's)")
     s.add_argument("--n", type=int, default=8, help="candidates per prompt")
     s.add_argument("--keep", type=int, default=2, help="kept per prompt, by CLIP score")
-    s.add_argument("--seeds", type=int, default=1, help="repeat with sampling seeds 0..SEEDS-1 (more samples, less noise)")
+    s.add_argument("--seeds", type=int, default=1,
+                   help="repeat with sampling seeds 0..SEEDS-1 (more samples, less noise)")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=None)
@@ -295,7 +293,8 @@ def main(argv=None):
         if args.grid:
             rows = [torch.from_numpy(np.array(im)).permute(2, 0, 1) for kept in result["images"] for im in kept]
             # A row per letter, a column block per colour: the letter x colour table, held-out cells included.
-            save_image(torch.stack(rows).float() / 255, args.grid, nrow=args.keep * args.seeds * len(COLOURS), padding=1)
+            save_image(torch.stack(rows).float() / 255, args.grid, nrow=args.keep * args.seeds * len(COLOURS),
+                       padding=1)
             print(f"grid: {args.grid}")
 
 
