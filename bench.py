@@ -151,9 +151,7 @@ def bench_prior_train(cfg, batch, device, compile_model, warmup, iters):
 
 def bench_sampling(cfg, batch, device, use_cache, iters):
     torch.manual_seed(0)
-    model = prior.Prior(cfg).to(device).eval()
-    if device.type == "cpu":
-        model.use_matvec_layout()  # as load_prior does
+    model = prior.Prior(cfg).to(device).eval().use_matvec_layout()  # as load_prior does
     emb = torch.randn(batch, cfg.clip_dim, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 

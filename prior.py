@@ -220,6 +220,8 @@ class Prior(nn.Module):
         12-20 GB/s against 11; bench.py --peers), so load_prior stores those matrices that way on a CPU:
         the same values, which F.linear, the optimizers and state_dict accept in either layout. Done once,
         at load: the transposing copy costs as much as sampling a few tokens. In place; returns the model."""
+        if self.head.weight.device.type != "cpu":  # measured on CPUs only
+            return self
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.out_features >= m.in_features:
                 m.weight.data = m.weight.data.t().contiguous().t()
@@ -293,10 +295,9 @@ def clipgen_loss(logits, tokens, embeddings, drop, embed_weight=0.0, embed_rows=
 
 def load_prior(path, device="cpu"):
     """A Prior rebuilt from its self-describing checkpoint (written by train.py), in eval mode (and, on a
-    CPU, in the matvec layout sampling wants), and the checkpoint dict (which names the CLIP and VQGAN it
+    CPU, in the matvec layout sampling wants there), and the checkpoint dict (which names the CLIP and VQGAN it
     was trained with)."""
     ckpt = data.load_checkpoint(path, "prior")
     model = Prior(PriorConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
-    model = model.to(device).eval()
-    return (model.use_matvec_layout() if torch.device(device).type == "cpu" else model), ckpt
+    return model.to(device).eval().use_matvec_layout(), ckpt
