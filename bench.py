@@ -10,7 +10,9 @@ Measures, for a named model size:
       with the default memory layout, to show what those settings buy;
   (b) the prior training step in tokens/s and model FLOPs utilisation (MFU): model FLOPs per second over
       the device's peak (the published dense bf16 peak on H100/H200; a measured fp32 matmul peak on a CPU);
-  (c) sampling n_tokens tokens with and without the KV cache, in images/s, and their ratio.
+  (c) sampling n_tokens tokens with and without the KV cache, in images/s, and their ratio;
+  (d) the same two for the discrete diffusion prior (diffusion.py) of the same size: its training step,
+      and sampling with a quarter of its steps.
 With --peers it times instead the shapes of the projects we compare with (taming-transformers' f16 VQGAN
 at 256 px, batch 1, 1,024 codes, no perceptual loss; a GPT-2-small-sized prior, 12 layers x 768 over 257
 positions and 1,024 tokens, as nanoGPT would train it, at batch 2 and 8) and batch-1 KV-cache sampling
@@ -25,6 +27,7 @@ from dataclasses import replace
 import torch
 from torchvision.models import vgg16
 
+import diffusion
 import prior
 import vqgan
 
@@ -124,44 +127,61 @@ def prior_flops_per_token(cfg):
     """Training FLOPs per token, PaLM's estimate as in nanoGPT: 6 x (non-embedding parameters) for the
     matmuls forward and backward, plus 12 x layers x width x sequence length for attention."""
     model_params = 12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.n_embd * cfg.vocab_size  # blocks + output head
-    T = cfg.n_prefix + cfg.n_tokens
+    T = getattr(cfg, "n_prefix", 0) + cfg.n_tokens  # the diffusion prior has no prefix
     return 6 * model_params + 12 * cfg.n_layer * cfg.n_embd * T
 
 
 def bench_prior_train(cfg, batch, device, compile_model, warmup, iters):
+    """Tokens/s of train.py's stage-2 step, for either prior (a PriorConfig or a DiffusionConfig): the GPT's
+    cross-entropy step (the embedding loss runs only every few steps in training), or the diffusion prior's
+    (grids corrupted at random steps, then diffusion_loss)."""
     torch.manual_seed(0)
-    model = prior.Prior(cfg).to(device)
+    is_diffusion = isinstance(cfg, diffusion.DiffusionConfig)
+    model = (diffusion.DiffusionPrior if is_diffusion else prior.Prior)(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     wrapped = torch.compile(model) if compile_model else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     tokens = torch.randint(cfg.vocab_size, (batch, cfg.n_tokens), device=device)
     emb = torch.randn(batch, cfg.clip_dim, device=device)
     drop = torch.zeros(batch, dtype=torch.bool, device=device)
+    if is_diffusion:
+        t = torch.randint(1, cfg.n_steps + 1, (batch,), device=device)
+        x_t = model.schedule.corrupt(tokens, t, torch.rand(tokens.shape, device=device),
+                                     torch.randint_like(tokens, cfg.vocab_size))
 
-    def step():  # the cross-entropy step (the embedding loss runs every few steps in training)
+    def loss():
+        if is_diffusion:
+            return diffusion.diffusion_loss(wrapped(emb, x_t, t, drop), tokens, x_t, t, model.schedule,
+                                            diffusion.AUX_LOSS_WEIGHT)[0]
+        return prior.clipgen_loss(wrapped(emb, tokens[:, :-1], drop), tokens, emb, drop)[0]
+
+    def step():
         with autocast:
-            logits = wrapped(emb, tokens[:, :-1], drop)
-            loss, _, _ = prior.clipgen_loss(logits, tokens, emb, drop)
+            value = loss()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         opt.step()
-    dt = timed(step, device, warmup, iters)
-    return batch * cfg.n_tokens / dt
+    return batch * cfg.n_tokens / timed(step, device, warmup, iters)
 
 
-def bench_sampling(cfg, batch, device, use_cache, iters):
+def bench_sampling(cfg, batch, device, iters, **options):
+    """Images/s of sampling `batch` grids at once from either prior with random weights: the GPT as load_prior
+    sets it up (options: use_cache), or the diffusion prior (options: steps)."""
     torch.manual_seed(0)
-    model = prior.Prior(cfg).to(device).eval().use_matvec_layout()  # as load_prior does
+    if isinstance(cfg, diffusion.DiffusionConfig):
+        model, options = diffusion.DiffusionPrior(cfg).to(device).eval(), {"top_p": 0.85, **options}
+    else:
+        model, options = prior.Prior(cfg).to(device).eval().use_matvec_layout(), {"top_k": 100, **options}
     emb = torch.randn(batch, cfg.clip_dim, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     def run():
         with autocast:
-            model.sample(emb, top_k=100, use_cache=use_cache)
+            model.sample(emb, **options)
     return batch / timed(run, device, warmup=1, iters=iters)
 
 
-def size_rows(args, device, vq_cfg, prior_cfg, vq_batch, prior_batch, peak, warmup):
+def size_rows(args, device, vq_cfg, prior_cfg, diff_cfg, vq_batch, prior_batch, peak, warmup):
     """The project at one --size, with its speed settings."""
     rows = []
     fast = bench_vqgan(vq_cfg, vq_batch, device, True, args.compile, warmup, args.iters)
@@ -176,10 +196,19 @@ def size_rows(args, device, vq_cfg, prior_cfg, vq_batch, prior_batch, peak, warm
     rows.append(("prior train step", f"{tok_s:,.0f} tokens/s", f"MFU {mfu:.1%}"))
     # Without the cache every new token re-runs the whole prefix (O(T^2) work for T tokens); with it, one
     # position per step attends to stored keys and values (O(T)).
-    cached = bench_sampling(prior_cfg, args.sample_batch, device, True, iters=2)
-    full = bench_sampling(prior_cfg, args.sample_batch, device, False, iters=1)
+    cached = bench_sampling(prior_cfg, args.sample_batch, device, iters=2, use_cache=True)
+    full = bench_sampling(prior_cfg, args.sample_batch, device, iters=1, use_cache=False)
     rows.append((f"sample {prior_cfg.n_tokens} tokens, KV cache", f"{cached:.2f} img/s", f"{cached / full:.1f}x faster"))
     rows.append((f"sample {prior_cfg.n_tokens} tokens, full recompute", f"{full:.2f} img/s", ""))
+    # The discrete diffusion prior at the same size: no KV cache (every step sees the whole grid), but a
+    # fixed number of steps whatever the grid's size.
+    tok_s = bench_prior_train(diff_cfg, prior_batch, device, args.compile, warmup, args.iters)
+    rows.append(("diffusion prior train step", f"{tok_s:,.0f} tokens/s",
+                 f"MFU {tok_s * prior_flops_per_token(diff_cfg) / peak:.1%}"))
+    # A quarter of the trained steps, as sample.py --diffusion-steps 25 (all 100 take about 4x as long).
+    img_s = bench_sampling(diff_cfg, args.sample_batch, device, iters=1, steps=diff_cfg.n_steps // 4)
+    rows.append((f"diffusion prior, sample with {diff_cfg.n_steps // 4} of {diff_cfg.n_steps} steps",
+                 f"{img_s:.2f} img/s", ""))
     return rows
 
 
@@ -193,7 +222,7 @@ def peer_rows(device, iters):
                      f"{batch * PEER_PRIOR.n_tokens / tok_s * 1e3:.0f} ms/step"))
     ceiling = matvec_bandwidth(device) / weights_read_per_token(prior.Prior(PEER_PRIOR))
     for batch in (1, 8):
-        tok_s = bench_sampling(PEER_PRIOR, batch, device, True, iters=2) * PEER_PRIOR.n_tokens
+        tok_s = bench_sampling(PEER_PRIOR, batch, device, iters=2, use_cache=True) * PEER_PRIOR.n_tokens
         note = f"{tok_s / ceiling:.0%} of the weight-bandwidth ceiling, {ceiling:.1f} tokens/s" if batch == 1 else ""
         rows.append((f"sample 256 tokens, KV cache, batch {batch}", f"{tok_s:.1f} tokens/s", note))
     return rows
@@ -219,14 +248,15 @@ def main():
     vq_cfg = vqgan.PRESETS[size]
     # The prior always writes a 16x16 = 256-token grid here, the paper's sequence length.
     prior_cfg = prior.PriorConfig(**{**prior.PRESETS[size].__dict__, "n_tokens": 256})
+    diff_cfg = diffusion.DiffusionConfig(**{**diffusion.PRESETS[size].__dict__, "n_tokens": 256})
     vq_batch = args.vqgan_batch or (8 if size == "paper" else 4)
     prior_batch = args.prior_batch or (32 if size == "paper" else 8)
     peak, peak_source = device_peak(device)
     warmup = 5 if args.compile else 2
 
     # Each row: (what, value, note); printed as a table and optionally written as JSON.
-    rows = peer_rows(device, args.iters) if args.peers else size_rows(args, device, vq_cfg, prior_cfg, vq_batch,
-                                                                        prior_batch, peak, warmup)
+    rows = peer_rows(device, args.iters) if args.peers else \
+        size_rows(args, device, vq_cfg, prior_cfg, diff_cfg, vq_batch, prior_batch, peak, warmup)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device {name} | {'peer shapes' if args.peers else 'size ' + size} | torch {torch.__version__} | "
           f"compile {args.compile} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
@@ -234,7 +264,7 @@ def main():
         print(f"VQGAN {sum(p.numel() for p in vqgan.VQGAN(vq_cfg).parameters()) / 1e6:.1f}M params at "
               f"{vq_cfg.image_size}px, batch {vq_batch} | prior {prior_cfg.n_layer} layers x {prior_cfg.n_embd}, "
               f"batch {prior_batch} x {prior_cfg.n_tokens} tokens, {prior_flops_per_token(prior_cfg) / 1e9:.2f} "
-              f"GFLOP/token")
+              f"GFLOP/token | diffusion prior the same size, {diff_cfg.n_steps} steps")
     width = max(len(r[0]) for r in rows)
     for what, value, note in rows:
         print(f"  {what:<{width}}  {value:>18}  {note}")

@@ -4,7 +4,8 @@ clipgen.py: text to image with a trained CLIP-GEN run (CLIP-GEN section 3.3, inf
 The prior was trained to write an image's VQGAN tokens from that image's CLIP embedding. At inference the
 CLIP *text* embedding of a prompt takes its place: the prior samples `n` candidate token grids, the VQGAN
 decodes them, and CLIP reranks the candidates by image-text similarity, keeping the best `keep` (the
-reranking DALL-E and CLIP-GEN both use).
+reranking DALL-E and CLIP-GEN both use). The prior is whichever train.py trained: CLIP-GEN's GPT
+(prior.py) or CLIP-VQDiffusion's discrete diffusion model (diffusion.py); both sample the same way here.
 
     from clipgen import CLIPGen
     gen = CLIPGen.from_checkpoint("out")                    # out/vqgan.pt + out/prior.pt + their CLIP
@@ -23,6 +24,7 @@ from PIL import Image
 
 import clip_loader
 import data
+import diffusion
 import prior
 import vqgan
 
@@ -41,7 +43,7 @@ class CLIPGen:
         vqgan_path, prior_path = (os.path.join(run, "vqgan.pt"), os.path.join(run, "prior.pt")) \
             if isinstance(run, (str, os.PathLike)) else run
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        prior_model, ckpt = prior.load_prior(prior_path, device)
+        prior_model, ckpt = load_prior(prior_path, device)
         vqgan_model, _ = vqgan.load_vqgan(vqgan_path, device)
         if data.sha256_of(vqgan_path) != ckpt["vqgan_sha256"]:
             warnings.warn(f"{vqgan_path} is not the VQGAN {prior_path} was trained with "
@@ -83,11 +85,16 @@ class CLIPGen:
 
     @torch.no_grad()
     def sample_images(self, embeddings, n, temperature=1.0, top_k=None, top_p=None, guidance=1.0, seed=0,
-                      batch_size=32, progress=None):
+                      batch_size=32, progress=None, diffusion_steps=None):
         """(P, clip_dim) conditions -> (P, n, 3, H, W) images in [-1, 1]: n prior samples per condition,
         decoded by the VQGAN, in batches of `batch_size`. Each condition gets its own generator seeded with
         `seed`, so a prompt's images depend on the prompt, seed, n and batch size, not on the other prompts
-        sampled with it."""
+        sampled with it. diffusion_steps: the diffusion prior's reverse steps (default: all it was trained
+        with); the GPT writes one token per step and takes no such choice."""
+        if diffusion_steps is not None and not isinstance(self.prior, diffusion.DiffusionPrior):
+            raise ValueError("the number of diffusion steps is a choice of the diffusion prior; this run's prior "
+                             "is the GPT")
+        extra = {} if diffusion_steps is None else {"steps": diffusion_steps}
         side = math.isqrt(self.prior.cfg.n_tokens)
         total, done, results = len(embeddings) * n, 0, []
         for embedding in embeddings:
@@ -98,7 +105,7 @@ class CLIPGen:
                     progress(done, total)
                 rows = embedding.expand(min(batch_size, n - start), -1)  # (b, clip_dim)
                 with self.autocast:
-                    tokens = self.prior.sample(rows, temperature, top_k, top_p, guidance, generator)  # (b, n_tokens)
+                    tokens = self.prior.sample(rows, temperature, top_k, top_p, guidance, generator, **extra)
                     images.append(self.vqgan.decode(tokens.view(-1, side, side)).float().clamp(-1, 1))
                 done += len(rows)
             results.append(torch.cat(images))  # (n, 3, H, W)
@@ -117,21 +124,21 @@ class CLIPGen:
         return results
 
     def generate(self, prompts, n=16, keep=4, temperature=1.0, top_k=None, top_p=None, guidance=1.0, seed=0,
-                 batch_size=32, progress=None):
+                 batch_size=32, progress=None, diffusion_steps=None):
         """For each prompt: sample n images from its CLIP text embedding and return the `keep` with the
         highest CLIP score, as a list of (PIL image, score) pairs in descending score."""
         if keep > n:
             raise ValueError(f"keep ({keep}) can not exceed n ({n})")
         text = self.embed_text(list(prompts))
-        images = self.sample_images(text, n, temperature, top_k, top_p, guidance, seed, batch_size, progress)
+        images = self.sample_images(text, n, temperature, top_k, top_p, guidance, seed, batch_size, progress, diffusion_steps)
         return self._rerank(images, text, keep)
 
     def variations(self, image, n=16, keep=4, temperature=1.0, top_k=None, top_p=None, guidance=1.0, seed=0,
-                   batch_size=32, progress=None):
+                   batch_size=32, progress=None, diffusion_steps=None):
         """Images like `image` (a PIL image): sampled from its CLIP image embedding, exactly what the prior
         was trained on, and ranked by CLIP similarity to it."""
         target = self.embed_pil([image])
-        images = self.sample_images(target, n, temperature, top_k, top_p, guidance, seed, batch_size, progress)
+        images = self.sample_images(target, n, temperature, top_k, top_p, guidance, seed, batch_size, progress, diffusion_steps)
         return self._rerank(images, target, keep)[0]
 
     def interpolation_embeddings(self, prompt_a, prompt_b, steps):
@@ -145,11 +152,11 @@ class CLIPGen:
         return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
     def interpolate(self, prompt_a, prompt_b, steps=8, n=4, temperature=1.0, top_k=None, top_p=None,
-                    guidance=1.0, seed=0, batch_size=32, progress=None):
+                    guidance=1.0, seed=0, batch_size=32, progress=None, diffusion_steps=None):
         """A list of `steps` (PIL image, score) pairs morphing from prompt_a to prompt_b: at each point,
         the best of n samples by CLIP similarity to the interpolated embedding."""
         path = self.interpolation_embeddings(prompt_a, prompt_b, steps)
-        images = self.sample_images(path, n, temperature, top_k, top_p, guidance, seed, batch_size, progress)
+        images = self.sample_images(path, n, temperature, top_k, top_p, guidance, seed, batch_size, progress, diffusion_steps)
         return [best[0] for best in self._rerank(images, F.normalize(path, dim=-1), 1)]
 
     # ----- evaluation
@@ -168,6 +175,13 @@ class CLIPGen:
         scores = [score for per_prompt in results for _, score in per_prompt]
         return {"clip_score": sum(scores) / len(scores), "frechet_distance": frechet_distance(fake_features, real_features),
                 "n_generated": len(scores), "n_real": len(real_features)}
+
+
+def load_prior(path, device="cpu"):
+    """Whichever prior train.py wrote to `path` (its --prior): the GPT (prior.py) or the discrete diffusion
+    model (diffusion.py). -> (model in eval mode, checkpoint dict)"""
+    ckpt = data.load_checkpoint(path, "prior")
+    return (diffusion if ckpt.get("prior_type") == "diffusion" else prior).from_checkpoint(ckpt, path, device)
 
 
 def frechet_distance(a, b):

@@ -43,10 +43,12 @@ PRESETS = {
 }
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg):
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; causal for the GPT, bidirectional for the diffusion prior (diffusion.py)."""
+
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.n_head = cfg.n_head
+        self.n_head, self.causal = cfg.n_head, causal
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.dropout = cfg.dropout
@@ -61,7 +63,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.append(layer, k, v)  # (B, nh, T_past + T, hs)
         # With a cache we only ever feed one new position, which may attend to everything before it, so the
         # causal mask is needed only when several positions arrive together with no past.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=first and T > 1,
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and first and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -92,7 +94,7 @@ class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.adaln)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.adaln)
         self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(approximate="tanh"),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
@@ -143,23 +145,9 @@ class Prior(nn.Module):
                 nn.init.normal_(p, std=0.02)
 
     def condition(self, embeddings, drop=None):
-        """(B, clip_dim) CLIP embeddings -> the unit-norm condition; rows where `drop` is True get the
-        learned null embedding instead (classifier-free guidance).
-
-        With remove_mean, the component along the training images' mean embedding is projected out first.
-        CLIP's image embeddings share a large constant offset that its text embeddings lack (the modality
-        gap, Liang et al. 2022); trained on image embeddings alone, the prior would learn to expect that
-        offset and meet text embeddings without it. The mean of the image embeddings points mostly along
-        the offset, so removing it maps images and texts of the same content to nearby conditions."""
-        e = F.normalize(embeddings.float(), dim=-1)
-        if self.cfg.remove_mean:
-            m = F.normalize(self.embedding_mean.float(), dim=0)
-            e = F.normalize(e - (e @ m).unsqueeze(1) * m, dim=-1)
-        if drop is None:
-            drop = torch.zeros(e.shape[0], dtype=torch.bool, device=e.device)
-        # torch.where keeps the null embedding in the graph even when no row is dropped (DDP needs that).
-        null = self.null_embedding.float().expand_as(e)
-        return torch.where(drop.unsqueeze(1), null, e).to(self.cond_proj.weight.dtype)
+        """(B, clip_dim) CLIP embeddings -> (B, clip_dim) conditions: see unit_condition."""
+        return unit_condition(embeddings, drop, self.null_embedding, self.embedding_mean,
+                              self.cfg.remove_mean).to(self.cond_proj.weight.dtype)
 
     def forward(self, embeddings, tokens, drop=None, cache=None):
         """embeddings: (B, clip_dim) CLIP embeddings; tokens: (B, T) image tokens; drop: (B,) bool, rows
@@ -228,21 +216,49 @@ class Prior(nn.Module):
         return self
 
 
-def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) logits -> (B,) token ids. temperature 0 is greedy; top_k keeps the k likeliest tokens;
-    top_p keeps the smallest set whose probability reaches p (nucleus sampling, Holtzman et al. 2019)."""
+def unit_condition(embeddings, drop, null_embedding, embedding_mean, remove_mean):
+    """(B, clip_dim) CLIP embeddings -> the unit-norm float conditions either prior is trained and sampled on;
+    rows where `drop` (B,) is True get the learned null embedding instead (classifier-free guidance).
+
+    With remove_mean, the component along the training images' mean embedding is projected out first.
+    CLIP's image embeddings share a large constant offset that its text embeddings lack (the modality gap,
+    Liang et al. 2022); trained on image embeddings alone, a prior would learn to expect that offset and
+    meet text embeddings without it. The mean of the image embeddings points mostly along the offset, so
+    removing it maps images and texts of the same content to nearby conditions."""
+    e = F.normalize(embeddings.float(), dim=-1)
+    if remove_mean:
+        m = F.normalize(embedding_mean.float(), dim=0)
+        e = F.normalize(e - (e @ m).unsqueeze(1) * m, dim=-1)
+    if drop is None:
+        drop = torch.zeros(e.shape[0], dtype=torch.bool, device=e.device)
+    # torch.where keeps the null embedding in the graph even when no row is dropped (DDP needs that).
+    return torch.where(drop.unsqueeze(1), null_embedding.float().expand_as(e), e)
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
+    """(B, V) logits -> the same with temperature applied and the excluded tokens at -inf. temperature 0 keeps
+    the likeliest token alone (greedy); top_k keeps the k likeliest; top_p keeps the smallest set whose
+    probability reaches p (nucleus sampling, Holtzman et al. 2019; VQ-Diffusion's "truncation")."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return logits.masked_fill(logits < logits.amax(dim=-1, keepdim=True), float("-inf"))
     logits = logits / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         remove = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already reaches p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(remove, float("-inf")))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    return logits
+
+
+def sample_from_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, V) logits -> (B,) token ids, drawn after filter_logits (temperature 0: the argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def pseudo_text_embedding(embeddings, alpha, noise=None):
@@ -294,10 +310,16 @@ def clipgen_loss(logits, tokens, embeddings, drop, embed_weight=0.0, embed_rows=
 
 
 def load_prior(path, device="cpu"):
-    """A Prior rebuilt from its self-describing checkpoint (written by train.py), in eval mode (and, on a
+    """A GPT prior rebuilt from its self-describing checkpoint (written by train.py), in eval mode (and, on a
     CPU, in the matvec layout sampling wants there), and the checkpoint dict (which names the CLIP and VQGAN it
-    was trained with)."""
-    ckpt = data.load_checkpoint(path, "prior")
+    was trained with). clipgen.load_prior loads either kind of prior."""
+    return from_checkpoint(data.load_checkpoint(path, "prior"), path, device)
+
+
+def from_checkpoint(ckpt, path, device="cpu"):
+    """load_prior's work on a checkpoint dict already read from `path` (named in errors)."""
+    if ckpt.get("prior_type", "ar") != "ar":
+        raise ValueError(f"{path} holds a {ckpt['prior_type']} prior, not the GPT; load it with clipgen.load_prior")
     model = Prior(PriorConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval().use_matvec_layout(), ckpt

@@ -46,6 +46,9 @@ def build_parser():
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--diffusion-steps", type=int, default=None,
+                   help="reverse steps of a diffusion prior (train.py --prior diffusion): fewer are faster "
+                        "(default: all it was trained with)")
     p.add_argument("--batch-size", type=int, default=32, help="sequences sampled at once")
     p.add_argument("--clip", default=None, help="CLIP name or path (default: the one the prior was trained with)")
     p.add_argument("--device", default=None, help="'cpu' or 'cuda' (default: CUDA if available)")
@@ -81,6 +84,8 @@ def parse_args(argv=None):
         p.error(f"--keep must be between 1 and --n ({args.n})")
     if args.batch_size < 1 or args.temperature < 0:
         p.error("--batch-size must be at least 1 and --temperature at least 0")
+    if args.diffusion_steps is not None and args.diffusion_steps < 1:
+        p.error("--diffusion-steps must be at least 1")
     if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         p.error(f"--device {args.device!r}: use 'cpu', 'cuda' or 'cuda:N'")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -121,17 +126,23 @@ def main(argv=None):
     # Python's default shows a source line and hides repeats, which reads like a crash to a user.
     warnings.simplefilter("always")
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+    trained_steps = getattr(gen.prior.cfg, "n_steps", None)  # None: the GPT prior
+    if args.diffusion_steps is not None and not (trained_steps and args.diffusion_steps <= trained_steps):
+        sys.exit(f"error: --diffusion-steps {args.diffusion_steps}: the prior in {args.run!r} " +
+                 (f"was trained with {trained_steps} steps; give at most that" if trained_steps else
+                  "is the GPT, which writes one token per step; drop --diffusion-steps"))
 
     t0 = time.time()
 
-    # Sampling is the slow part (one prior step per token); a progress line on stderr keeps stdout clean
-    # for the list of files and scores, which scripts may parse.
+    # Sampling is the slow part (a prior step per token, or per diffusion step); a progress line on stderr
+    # keeps stdout clean for the list of files and scores, which scripts may parse.
     def progress(done, total):
         print(f"\rsampling {done}/{total} sequences ({time.time() - t0:.0f}s)", end="\n" if done == total else "",
               file=sys.stderr, flush=True)
 
     sampling = dict(n=args.n, keep=args.keep, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=progress)
+                    guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=progress,
+                    diffusion_steps=args.diffusion_steps)
     if args.image:
         try:
             image = data.open_rgb(args.image)

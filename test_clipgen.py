@@ -32,6 +32,7 @@ import bench
 import clip_loader
 import clipgen
 import data
+import diffusion
 import prior
 import sample
 import toyworld
@@ -927,6 +928,120 @@ def test_tiny_prior_overfits_cached_tokens():
     assert (accuracy >= 0.9).all(), accuracy
 
 
+# ===========================================================================================================
+# Stage 2, the other prior: CLIP-VQDiffusion's discrete diffusion (diffusion.py)
+
+TINY_DIFFUSION = diffusion.DiffusionConfig(vocab_size=6, n_tokens=16, n_layer=2, n_head=2, n_embd=64, clip_dim=8,
+                                           n_steps=10)
+
+
+def tiny_diffusion(**overrides):
+    torch.manual_seed(0)
+    return diffusion.DiffusionPrior(diffusion.DiffusionConfig(**{**TINY_DIFFUSION.__dict__, **overrides}))
+
+
+def transition_matrix(schedule, s, t):
+    """q(x_t | x_s) as a (K + 1, K + 1) float64 matrix, rows x_s, columns x_t, [MASK] last."""
+    keep, per_code, mask = (v.item() for v in schedule.transition(torch.tensor([s]), torch.tensor([t])))
+    K = schedule.K
+    Q = torch.zeros(K + 1, K + 1, dtype=torch.float64)
+    Q[:K, :K] = per_code + keep * torch.eye(K, dtype=torch.float64)
+    Q[:K, K], Q[K, K] = mask, 1.0
+    return Q
+
+
+def test_diffusion_forward_process_marginals_are_the_closed_form():
+    schedule = diffusion.Schedule(n_steps=10, vocab_size=6)
+    # The closed form of q(x_t | x_0) is the product of the t one-step matrices, and every row sums to 1.
+    product = torch.eye(7, dtype=torch.float64)
+    for t in range(1, 11):
+        product = product @ transition_matrix(schedule, t - 1, t)
+        assert torch.allclose(product, transition_matrix(schedule, 0, t), atol=1e-6), t
+        assert torch.allclose(product.sum(1), torch.ones(7, dtype=torch.float64))
+    assert transition_matrix(schedule, 0, 10)[0, 6] > 0.99  # all but masked at T
+    # corrupt() draws from it: token frequencies over 200,000 positions at a few t.
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.full((3, 200_000), 2)
+    t = torch.tensor([1, 4, 8])
+    x_t = schedule.corrupt(x0, t, torch.rand(x0.shape, generator=g), torch.randint(6, x0.shape, generator=g))
+    for row, step in enumerate(t.tolist()):
+        freq = torch.bincount(x_t[row], minlength=7).double() / x0.shape[1]
+        assert torch.allclose(freq, transition_matrix(schedule, 0, step)[2], atol=4e-3), step
+
+
+def test_diffusion_posterior_is_bayes_rule():
+    schedule = diffusion.Schedule(n_steps=10, vocab_size=6)
+    x0_probs = torch.softmax(torch.randn(1, 3, 6, generator=torch.Generator().manual_seed(1)), -1)
+    x_t = torch.tensor([[2, 6, 4]])  # two codes and a [MASK]
+    for s, t in ((0, 3), (3, 7), (6, 7)):
+        posterior = schedule.posterior(x0_probs, x_t, torch.tensor([s]), torch.tensor([t]))[0].double()
+        before, step, after = (transition_matrix(schedule, *st) for st in ((0, s), (s, t), (0, t)))
+        for n, observed in enumerate(x_t[0].tolist()):
+            # sum over x0 of p(x0) q(x_s | x0) q(x_t | x_s) / q(x_t | x0), by brute force
+            bayes = sum(x0_probs[0, n, i].double() * before[i] * step[:, observed] / after[i, observed]
+                        for i in range(6))
+            assert torch.allclose(posterior[n], bayes / bayes.sum(), atol=1e-6), (s, t, n)
+    # At s = 0 the reverse step is the x0 prediction itself, with nothing masked.
+    at_zero = schedule.posterior(x0_probs, x_t, torch.tensor([0]), torch.tensor([4]))[0]
+    assert torch.allclose(at_zero[:, :6], x0_probs[0], atol=1e-6) and at_zero[:, 6].max() == 0
+
+
+def test_diffusion_loss_is_finite_and_falls_on_a_tiny_overfit():
+    model = tiny_diffusion()
+    g = torch.Generator().manual_seed(0)
+    x0, emb = torch.randint(6, (4, 16), generator=g), torch.randn(4, 8, generator=g)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        t = torch.randint(1, 11, (4,), generator=g)
+        x_t = model.schedule.corrupt(x0, t, torch.rand(4, 16, generator=g), torch.randint(6, (4, 16), generator=g))
+        loss, vlb, aux = diffusion.diffusion_loss(model(emb, x_t, t), x0, x_t, t, model.schedule, 5e-4)
+        assert torch.isfinite(loss) and loss.item() == pytest.approx(vlb.item() + 5e-4 * aux.item(), rel=1e-5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-20:]) < 0.2 * sum(losses[:20])
+    # The model now denoises its 4 grids: sampled from all-[MASK] with its condition, most tokens come back.
+    sampled = model.eval().sample(emb, temperature=0, generator=torch.Generator().manual_seed(0))
+    assert (sampled == x0).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10])
+def test_diffusion_sampling_shapes_and_determinism(steps):
+    model = tiny_diffusion().eval()
+    emb = torch.randn(3, 8)
+    kwargs = dict(top_k=4, top_p=0.9, steps=steps)
+    a = model.sample(emb, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert a.shape == (3, 16) and a.dtype == torch.long and 0 <= a.min() and a.max() < 6  # no [MASK] left
+    assert torch.equal(a, model.sample(emb, generator=torch.Generator().manual_seed(1), **kwargs))
+    assert not torch.equal(a, model.sample(emb, generator=torch.Generator().manual_seed(2), **kwargs))
+    with pytest.raises(ValueError, match="steps must be in 1..10"):
+        model.sample(emb, steps=11)
+
+
+def test_diffusion_guidance_1_is_the_conditional_sampler():
+    model = tiny_diffusion().eval()
+    with torch.no_grad():  # an untrained null embedding and condition would barely matter: make them
+        model.cond_proj.weight.mul_(50)
+        for block in model.blocks:
+            block.ada_cond[1].weight.normal_(0, 0.5)
+    emb = torch.randn(2, 8)
+    unguided = model.sample(emb, temperature=0, steps=4, generator=torch.Generator().manual_seed(3))
+    # The reverse process by hand on the doubled batch, mixing with the guidance formula at scale 1.
+    g, x = torch.Generator().manual_seed(3), torch.full((2, 16), 6)
+    drop = torch.tensor([False, False, True, True])
+    for t, s in ((10, 8), (8, 5), (5, 2), (2, 0)):
+        with torch.no_grad():
+            c, u = model(torch.cat([emb, emb]), torch.cat([x, x]), torch.full((4,), t), drop).log_softmax(-1).chunk(2)
+        x0 = torch.nn.functional.one_hot((u + 1.0 * (c - u)).argmax(-1), 6).float()
+        probs = model.schedule.posterior(x0, x, torch.full((2,), s), torch.full((2,), t))
+        x = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(2, 16)
+    assert torch.equal(x, unguided)
+    guided = model.sample(emb, temperature=0, steps=4, guidance=5.0, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(guided, unguided)  # guidance does something
+
+
 def test_cache_key_tracks_vqgan_clip_and_size(tmp_path, ckpt_root):
     write_image_folder(tmp_path / "imgs", n=3)
     listing = data.stat_sources(data.find_sources(str(tmp_path / "imgs")))
@@ -1106,9 +1221,36 @@ def test_sample_script_bad_input(trained_run, tmp_path, capsys):
     (broken / "prior.pt").write_bytes((trained_run / "out" / "prior.pt").read_bytes()[:1000])  # truncated
     code, err = exits("a dog", "--run", str(broken))
     assert code == 1 and "not a readable checkpoint" in err
+    code, err = exits("a dog", "--diffusion-steps", "4", *run)
+    assert code == 1 and "is the GPT" in err
     # Through the shell once: an over-long prompt is truncated with a one-line warning, not refused.
     r = run_script("sample.py", "a dog " * 60, *run)
     assert r.returncode == 0 and "truncated" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_diffusion_run_samples_through_the_same_commands(scale_setup, tmp_path, capsys):
+    """train.py --prior diffusion writes a prior.pt that says what it is: CLIPGen and sample.py load it with no
+    flag, --diffusion-steps picks the reverse steps, and more steps than trained are refused in one line."""
+    root, common = scale_setup
+    out = tmp_path / "run"
+    train.main([*common, "--vqgan-steps", "2", "--disc-start", "100", "--prior-steps", "2", "--batch-size", "4",
+                "--prior", "diffusion", "--out", str(out)])
+    gen = clipgen.CLIPGen.from_checkpoint(str(out))
+    assert isinstance(gen.prior, diffusion.DiffusionPrior) and not gen.prior.training
+    with pytest.raises(ValueError, match="diffusion prior"):
+        prior.load_prior(str(out / "prior.pt"))  # the GPT's loader names the right one
+    a = gen.generate(["a red square"], n=3, keep=2, seed=4, diffusion_steps=5)[0]
+    b = gen.generate(["a red square"], n=3, keep=2, seed=4, diffusion_steps=5)[0]
+    assert len(a) == 2 and [np.array(im).tolist() for im, _ in a] == [np.array(im).tolist() for im, _ in b]
+    capsys.readouterr()
+    sample.main(["a red square", "--run", str(out), "--n", "2", "--keep", "1", "--diffusion-steps", "3",
+                 "--out", str(tmp_path / "s")])
+    assert "CLIP score" in capsys.readouterr().out
+    written = sorted(os.listdir(tmp_path / "s"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["a red square", "--run", str(out), "--seed", "1", "--diffusion-steps", "101",
+                     "--out", str(tmp_path / "s")])
+    assert "trained with 100 steps" in str(e.value.code) and sorted(os.listdir(tmp_path / "s")) == written
 
 
 # ===========================================================================================================
@@ -1223,19 +1365,21 @@ def test_sigkill_then_resume_equals_uninterrupted(scale_setup):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
-def test_prior_resume_equals_uninterrupted(scale_setup, capsys):
+@pytest.mark.parametrize("kind", ["ar", "diffusion"])
+def test_prior_resume_equals_uninterrupted(scale_setup, capsys, kind):
     root, common = scale_setup
     args = [*common, "--vqgan-steps", "2", "--disc-start", "100", "--batch-size", "4", "--log-every", "1",
-            "--save-every", "3", "--embed-loss-every", "2", "--pseudo-text-alpha", "0.3"]
-    train.main([*args, "--prior-steps", "6", "--out", str(root / "p_full")])
+            "--save-every", "3", "--embed-loss-every", "2", "--pseudo-text-alpha", "0.3", "--prior", kind]
+    train.main([*args, "--prior-steps", "6", "--out", str(root / f"{kind}_full")])
     full = loss_lines(capsys.readouterr().out)
-    train.main([*args, "--prior-steps", "3", "--out", str(root / "p_resume")])
+    train.main([*args, "--prior-steps", "3", "--out", str(root / f"{kind}_resume")])
     capsys.readouterr()
-    train.main([*args, "--prior-steps", "6", "--out", str(root / "p_resume"), "--resume"])
+    train.main([*args, "--prior-steps", "6", "--out", str(root / f"{kind}_resume"), "--resume"])
     resumed = loss_lines(capsys.readouterr().out)
-    # The Gumbel noise of the embedding loss comes from the restored random state: exact equality.
-    assert resumed == full[-3:] and len(resumed) == 3
-    assert_same_prior(root / "p_full" / "prior.pt", root / "p_resume" / "prior.pt", atol=0)
+    # The Gumbel noise of the embedding loss and the diffusion's forward-process draws come from the restored
+    # random state and the step: exact equality.
+    assert resumed == full[-3:] and len(resumed) == 3 and (" vlb " in full[-1]) == (kind == "diffusion")
+    assert_same_prior(root / f"{kind}_full" / "prior.pt", root / f"{kind}_resume" / "prior.pt", atol=0)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(scale_setup):
@@ -1301,13 +1445,14 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
 
 
 def test_bench_flop_count_matches_the_model():
-    for cfg in (prior.PRESETS["paper"], prior.PRESETS["tiny"]):
+    for cfg in (prior.PRESETS["paper"], prior.PRESETS["tiny"], diffusion.PRESETS["paper"], diffusion.PRESETS["tiny"]):
         with torch.device("meta"):  # shapes only: the 336M-parameter paper prior costs no memory or time
-            model = prior.Prior(cfg)
-        # matmul weights of the blocks and the output head: what the 6N term of the estimate counts
+            model = (prior.Prior if isinstance(cfg, prior.PriorConfig) else diffusion.DiffusionPrior)(cfg)
+        # matmul weights of the blocks and the output head, applied to every token: what the 6N term of the
+        # estimate counts (the diffusion prior's adaLN modulations run once per sequence, not per token)
         real = sum(p.numel() for n, p in model.named_parameters()
-                   if p.dim() == 2 and (n.startswith("blocks.") or n.startswith("head.")))
-        T = cfg.n_prefix + cfg.n_tokens
+                   if p.dim() == 2 and (n.startswith("blocks.") or n.startswith("head.")) and ".ada_" not in n)
+        T = getattr(cfg, "n_prefix", 0) + cfg.n_tokens
         estimate = (bench.prior_flops_per_token(cfg) - 12 * cfg.n_layer * cfg.n_embd * T) / 6
         assert estimate == pytest.approx(real, rel=1e-3)
 
@@ -1317,8 +1462,8 @@ def test_bench_flop_count_matches_the_model():
 
 # Each module may import only modules on a lower level: files at the bottom, then the models, the prior (which
 # needs the VQGAN's and CLIP's outputs, not their code), the generator, and the scripts on top.
-LEVELS = {"data": 0, "clip_loader": 1, "vqgan": 1, "prior": 2, "clipgen": 3, "train": 4, "sample": 4, "bench": 4,
-          "toyworld": 4}
+LEVELS = {"data": 0, "clip_loader": 1, "vqgan": 1, "prior": 2, "diffusion": 2.5, "clipgen": 3, "train": 4, "sample": 4,
+          "bench": 4, "toyworld": 4}
 
 
 def test_imports_run_one_way():
@@ -1457,11 +1602,15 @@ def test_scripts_refuse_bad_arguments(tmp_path, capsys):
                           (["--vqgan-lr", "-1"], "--vqgan-lr must be positive"),
                           (["--workers", "-1"], "--workers must not be negative"),
                           (["--device", "gpu"], "--device 'gpu'"),
-                          (["--out", str(tmp_path / "file")], "is a file")):
+                          (["--out", str(tmp_path / "file")], "is a file"),
+                          (["--prior", "diffusion", "--adaln"], "always conditioned by adaLN"),
+                          (["--prior", "diffusion", "--embed-loss-weight", "0.1"], "does not use it"),
+                          (["--aux-loss-weight", "1"], "add --prior diffusion")):
         with pytest.raises(SystemExit) as e:
             train.parse_args(["--data", str(tmp_path), *argv])
-        assert e.value.code == 2
-    for argv in (["x", "--batch-size", "0"], ["x", "--temperature", "-1"], ["x", "--out", str(tmp_path / "file")]):
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    for argv in (["x", "--batch-size", "0"], ["x", "--temperature", "-1"], ["x", "--out", str(tmp_path / "file")],
+                 ["x", "--diffusion-steps", "0"]):
         with pytest.raises(SystemExit) as e:
             sample.parse_args(argv)
         assert e.value.code == 2

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import save_image
 
 import clip_loader
+import clipgen
 import data
 
 LETTERS = ("A", "O", "T", "X")  # mirror-symmetric, so the training flips do not invent new letters
@@ -205,18 +206,26 @@ def add_modality_gap(model, matched_cosine=0.3):
 
 def evaluate(gen, n=8, keep=2, seeds=1, **sampling):
     """Prompt every combination with sampling seeds 0..seeds-1; -> {"seen", "held_out"} shares of kept
-    samples with letter and colour right, the per-combination accuracies, and the kept images (a list per
-    combination, all seeds')."""
-    kept = {combo: [] for combo in COMBINATIONS}
+    samples with letter and colour right, the per-combination accuracies, the kept images (a list per
+    combination, all seeds'), their mean CLIP score, the CLIP-feature Frechet distance between them and as
+    many fresh images of the world (every combination equally), and the sampling time per candidate."""
+    kept, scores = {combo: [] for combo in COMBINATIONS}, []
+    t0 = time.time()
     for seed in range(seeds):
         results = gen.generate([caption(l, c) for l, c in COMBINATIONS], n=n, keep=keep, seed=seed, **sampling)
         for combo, ranked in zip(COMBINATIONS, results):
             kept[combo] += [im for im, _ in ranked]
+            scores += [score for _, score in ranked]
+    seconds = (time.time() - t0) / (seeds * n * len(COMBINATIONS))
     per_combination = {combo: sum(read_attributes(im) == combo for im in ims) / len(ims)
                        for combo, ims in kept.items()}
     mean = lambda combos: sum(per_combination[c] for c in combos) / len(combos)
+    real, _ = fresh_images(keep * seeds, seed="frechet", size=gen.vqgan.cfg.image_size)
+    frechet = clipgen.frechet_distance(gen.embed_pil([im for ims in kept.values() for im in ims]),
+                                       gen.embed_images(real))
     return {"seen": mean(SEEN), "held_out": mean(HELD_OUT), "per_combination": per_combination,
-            "images": list(kept.values())}
+            "images": list(kept.values()), "clip_score": sum(scores) / len(scores), "frechet": frechet,
+            "seconds_per_sample": seconds}
 
 
 @torch.no_grad()
@@ -255,10 +264,15 @@ def main(argv=None):
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--top-p", type=float, default=None)
+    s.add_argument("--diffusion-steps", type=int, default=None,
+                   help="reverse steps of a diffusion prior (default: all it was trained with)")
     s.add_argument("--grid", default=None, help="also save the kept samples here as one PNG, a row per letter")
     args = p.parse_args(argv)
     if args.command == "eval" and args.seeds < 1:
         p.error(f"--seeds {args.seeds}: give at least 1")
+    if args.command == "eval" and args.diffusion_steps is not None and args.diffusion_steps < 1:
+        p.error(f"--diffusion-steps {args.diffusion_steps}: give at least 1")
     if args.command == "images":
         if os.path.isdir(args.out) and os.listdir(args.out):
             p.error(f"--out {args.out!r} is not empty; choose a new folder")
@@ -275,16 +289,22 @@ def main(argv=None):
         torch.save({k: v.half() for k, v in model.state_dict().items()}, args.out)
         print(f"wrote {args.out}")
     else:
-        from clipgen import CLIPGen
         try:
-            gen = CLIPGen.from_checkpoint(args.run, clip=args.clip)
+            gen = clipgen.CLIPGen.from_checkpoint(args.run, clip=args.clip)
         except (ValueError, RuntimeError, FileNotFoundError) as e:
             sys.exit(f"error: {e}")
         t0 = time.time()
-        result = evaluate(gen, n=args.n, keep=args.keep, seeds=args.seeds, guidance=args.guidance,
-                          temperature=args.temperature, top_k=args.top_k)
+        try:
+            result = evaluate(gen, n=args.n, keep=args.keep, seeds=args.seeds, guidance=args.guidance,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              diffusion_steps=args.diffusion_steps)
+        except ValueError as e:  # --diffusion-steps for a GPT prior, or more steps than it was trained with
+            sys.exit(f"error: {e}")
         print(f"prompts, seen combinations:     {result['seen']:.1%} of samples with letter and colour right")
-        print(f"prompts, held-out combinations: {result['held_out']:.1%}   ({time.time() - t0:.0f}s)")
+        print(f"prompts, held-out combinations: {result['held_out']:.1%}   ({time.time() - t0:.0f}s; "
+              f"{1000 * result['seconds_per_sample']:.0f} ms per candidate)")
+        print(f"CLIP score of the kept samples {result['clip_score']:.2f}; CLIP-feature Frechet distance to as "
+              f"many fresh images {result['frechet']:.4f}")
         recon = reconstruction_report(gen.vqgan.cpu())
         print(f"reconstructions of fresh images: {recon['both']:.1%} (letter {recon['letter']:.1%}, colour "
               f"{recon['colour']:.1%}; held-out combinations {recon['held_out']:.1%})")

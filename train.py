@@ -3,6 +3,7 @@ train.py: trains CLIP-GEN from images alone (a folder, or WebDataset tar shards)
 
     python train.py --data imgs/                                   # both stages, paper sizes (a GPU job)
     python train.py --data imgs/ --stage vqgan                     # stage 1 only; --stage prior for stage 2
+    python train.py --data imgs/ --prior diffusion                 # CLIP-VQDiffusion's prior instead of the GPT
     python train.py --data imgs/ --preset tiny --vqgan-steps 2000 --prior-steps 2000 --disc-start 1000 \\
         --perceptual none                                          # small models that train on a CPU
     torchrun --nproc_per_node=8 train.py --data imgs/              # the same on 8 GPUs (DDP)
@@ -10,9 +11,10 @@ train.py: trains CLIP-GEN from images alone (a folder, or WebDataset tar shards)
 
 Reads top to bottom: the command line, stage 1 (the VQGAN), stage 2 (the prior), main, then the plumbing
 both stages share (distributed set-up, checkpoints, random states, signals, the NaN guard). The losses
-themselves live in the model files (vqgan.generator_loss, prior.clipgen_loss); this script orchestrates.
-Under torchrun every process runs all of it on its share of each batch; rank 0 alone prints and writes
-files. Single-process training is the same code with a world size of 1.
+themselves live in the model files (vqgan.generator_loss; prior.clipgen_loss, or diffusion.diffusion_loss
+with --prior diffusion); this script orchestrates. Under torchrun every process runs all of it on its share
+of each batch; rank 0 alone prints and writes files. Single-process training is the same code with a world
+size of 1.
 
 Steps are counted from 0: `step` is the number of optimizer updates done, and so also the index of the
 next one. The data, learning rate and random draws of update `step` are functions of `step` alone, which
@@ -41,6 +43,7 @@ from torchvision.utils import save_image
 
 import clip_loader
 import data
+import diffusion
 import prior
 import vqgan
 
@@ -103,6 +106,9 @@ def build_parser():
                    help=recipe_help("perceptual loss network; 'vgg' downloads torchvision's VGG16 weights once",
                                     "perceptual"))
     g = p.add_argument_group("stage 2: prior")
+    g.add_argument("--prior", default="ar", choices=["ar", "diffusion"],
+                   help="'ar' = CLIP-GEN's GPT over the tokens (prior.py); 'diffusion' = CLIP-VQDiffusion's discrete "
+                        "diffusion model (diffusion.py). Both take the flags below unless a flag says otherwise")
     g.add_argument("--clip", default="ViT-B/32", help="CLIP model name or checkpoint path (see clip_loader.py)")
     g.add_argument("--prior-steps", type=int, help=recipe_help("optimizer steps of stage 2", "prior_steps"))
     g.add_argument("--prior-lr", type=float, help=recipe_help("peak AdamW learning rate of the prior", "prior_lr"))
@@ -111,9 +117,13 @@ def build_parser():
                         "--prior-steps if that is less)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay of the prior's matrices")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
-    g.add_argument("--embed-loss-weight", type=float, default=0.1,
-                   help="lambda of CLIP-GEN's embedding-reconstruction loss (0: off). The paper gives no "
-                        "value we could confirm; 0.1 keeps it below the cross-entropy's scale")
+    g.add_argument("--embed-loss-weight", type=float, default=None,
+                   help="lambda of CLIP-GEN's embedding-reconstruction loss, GPT prior only (0: off). The paper "
+                        "gives no value we could confirm; 0.1 keeps it below the cross-entropy's scale (default: "
+                        "0.1 with --prior ar, 0 with --prior diffusion)")
+    g.add_argument("--aux-loss-weight", type=float, default=diffusion.AUX_LOSS_WEIGHT,
+                   help="lambda of VQ-Diffusion's auxiliary x0 cross-entropy, diffusion prior only (0: the "
+                        "variational bound alone)")
     g.add_argument("--embed-loss-every", type=int, default=4, help="compute the embedding loss every k steps")
     g.add_argument("--embed-loss-batch", type=int, default=4, help="...on this many images of the batch")
     g.add_argument("--gumbel-tau", type=float, default=1.0, help="Gumbel-softmax temperature of that loss")
@@ -122,7 +132,8 @@ def build_parser():
                    help="noise level of pseudo-text embeddings (CLIP-VQDiffusion/LAFITE); 0: off, as CLIP-GEN")
     g.add_argument("--cond-drop", type=float, default=0.1,
                    help="probability of training with the null condition, for classifier-free guidance")
-    g.add_argument("--adaln", action="store_true", help="adaptive-LayerNorm conditioning in every block")
+    g.add_argument("--adaln", action="store_true",
+                   help="adaptive-LayerNorm conditioning in every block of the GPT (the diffusion prior always has it)")
     g.add_argument("--remove-mean", action="store_true",
                    help="project the training images' mean CLIP embedding out of every condition, images' and "
                         "prompts' alike (ours, aimed at CLIP's modality gap; measured in the README's toy world)")
@@ -147,6 +158,14 @@ def parse_args(argv=None):
         args.warmup = min(1000, max(1, args.prior_steps // 10))
     if args.workers is None:
         args.workers = min(4, os.cpu_count() or 1)
+    if args.embed_loss_weight is None:
+        args.embed_loss_weight = 0.1 if args.prior == "ar" else 0.0
+    if args.prior == "diffusion" and args.embed_loss_weight > 0:
+        p.error("--embed-loss-weight is CLIP-GEN's loss for the GPT prior; the diffusion prior does not use it")
+    if args.prior == "ar" and args.aux_loss_weight != diffusion.AUX_LOSS_WEIGHT:
+        p.error("--aux-loss-weight weighs a loss of the diffusion prior; add --prior diffusion, or drop it")
+    if args.prior == "diffusion" and args.adaln:
+        p.error("--adaln is an option of the GPT prior; the diffusion prior is always conditioned by adaLN")
     for name in ("batch_size", "grad_accum", "keep_checkpoints", "vqgan_steps", "prior_steps", "log_every",
                  "save_every", "embed_loss_every", "embed_loss_batch", "warmup"):
         if getattr(args, name) < 1:
@@ -154,7 +173,8 @@ def parse_args(argv=None):
     for name in ("vqgan_lr", "prior_lr", "gumbel_tau"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
-    for name in ("workers", "disc_start", "weight_decay", "grad_clip", "embed_loss_weight", "pseudo_text_alpha"):
+    for name in ("workers", "disc_start", "weight_decay", "grad_clip", "embed_loss_weight", "aux_loss_weight",
+                 "pseudo_text_alpha"):
         if getattr(args, name) < 0:
             p.error(f"--{name.replace('_', '-')} must not be negative")
     if not 0 <= args.cond_drop < 1:
@@ -422,36 +442,52 @@ def lr_at(step, args):
     return args.prior_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def step_randomness(args, step, rows, clip_dim, proc):
-    """The condition-dropout mask (rows,) and pseudo-text noise (rows, clip_dim) of this process's rows at
-    `step`, cut from the global batch's draws made with a (seed, step) generator: the same numbers whatever
-    the number of processes, and reproducible after a resume."""
+def step_randomness(args, step, rows, cfg, proc):
+    """This process's rows' random draws at `step`, cut from the global batch's draws made with a (seed,
+    step) generator: the same numbers whatever the number of processes, and reproducible after a resume.
+    -> {"drop": (rows,) condition dropout, "noise": (rows, clip_dim) pseudo-text noise}, and for the diffusion
+    prior the forward process's draws: "t" (rows,) steps in 1..T, "uniform" and "codes" (rows, n_tokens)."""
     g = torch.Generator().manual_seed(data.stable_seed(args.seed, "prior", step))
-    drop = torch.rand(rows * proc.world, generator=g) < args.cond_drop
-    noise = torch.randn(rows * proc.world, clip_dim, generator=g)
-    mine = slice(proc.rank * rows, (proc.rank + 1) * rows)
-    return drop[mine], noise[mine]
+    n = rows * proc.world
+    draws = {"drop": torch.rand(n, generator=g) < args.cond_drop, "noise": torch.randn(n, cfg.clip_dim, generator=g)}
+    if args.prior == "diffusion":
+        draws["t"] = torch.randint(1, cfg.n_steps + 1, (n,), generator=g)
+        draws["uniform"] = torch.rand(n, cfg.n_tokens, generator=g)
+        draws["codes"] = torch.randint(cfg.vocab_size, (n, cfg.n_tokens), generator=g)
+    return {k: v[proc.rank * rows:(proc.rank + 1) * rows] for k, v in draws.items()}
 
 
 def prior_step(model, raw_model, opt, micro_batches, embed_rows, vq, clip_model, args, autocast):
-    """One prior update over micro-batches of (tokens (b, n_tokens), embeddings (b, clip_dim), drop (b,),
-    noise (b, clip_dim)), with prior.clipgen_loss. The embedding-reconstruction loss, when embed_rows > 0,
-    uses the first micro-batch's first embed_rows images. Returns scalars to log."""
+    """One prior update over micro-batches of (tokens (b, n_tokens), embeddings (b, clip_dim), draws: a dict
+    of step_randomness's (b, ...) tensors), with the prior's loss: prior.clipgen_loss for the GPT, whose
+    embedding-reconstruction loss, when embed_rows > 0, uses the first micro-batch's first embed_rows images;
+    diffusion.diffusion_loss for the diffusion prior. Returns scalars to log: the loss and its two terms
+    (ce and embed, or vlb and aux), each a mean over micro-batches (embed: the first micro-batch's)."""
     n = len(micro_batches)
     opt.zero_grad(set_to_none=True)
     logs = {}
-    for i, (tokens, embeddings, drop, noise) in enumerate(micro_batches):
-        condition = prior.pseudo_text_embedding(embeddings, args.pseudo_text_alpha, noise)
+    for i, (tokens, embeddings, draws) in enumerate(micro_batches):
+        condition = prior.pseudo_text_embedding(embeddings, args.pseudo_text_alpha, draws["noise"])
         with sync_gradients(model, i == n - 1):
             with autocast:
-                logits = model(condition, tokens[:, :-1], drop)  # (b, n_tokens, vocab)
-                loss, ce, embed = prior.clipgen_loss(logits, tokens, embeddings, drop, args.embed_loss_weight,
-                                                     embed_rows if i == 0 else 0, vq, clip_model, args.gumbel_tau,
-                                                     args.gumbel_hard)
+                if args.prior == "diffusion":
+                    x_t = raw_model.schedule.corrupt(tokens, draws["t"], draws["uniform"], draws["codes"])
+                    logits = model(condition, x_t, draws["t"], draws["drop"])  # (b, n_tokens, vocab)
+                    loss, *terms = diffusion.diffusion_loss(logits, tokens, x_t, draws["t"], raw_model.schedule,
+                                                            args.aux_loss_weight)
+                    names = ("vlb", "aux")
+                else:
+                    logits = model(condition, tokens[:, :-1], draws["drop"])  # (b, n_tokens, vocab)
+                    loss, *terms = prior.clipgen_loss(logits, tokens, embeddings, draws["drop"],
+                                                      args.embed_loss_weight, embed_rows if i == 0 else 0, vq,
+                                                      clip_model, args.gumbel_tau, args.gumbel_hard)
+                    names = ("ce", "embed")
             (loss / n).backward()
-        # ce and loss are means over micro-batches; embed comes from the first micro-batch alone.
-        logs = {"ce": logs.get("ce", 0) + ce.detach() / n, "loss": logs.get("loss", 0) + loss.detach() / n,
-                "embed": logs.get("embed", embed.detach())}
+        for name, value in zip(("loss", *names), (loss, *terms)):
+            if name == "embed":  # computed on the first micro-batch alone
+                logs.setdefault(name, value.detach())
+            else:
+                logs[name] = logs.get(name, 0) + value.detach() / n
     if args.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
     opt.step()
@@ -507,19 +543,23 @@ def train_prior(args, images, fingerprint, proc):
              f"lower --batch-size or --grad-accum")
 
     # The prior's vocabulary, sequence length and condition size are read off the VQGAN and CLIP actually used.
-    cfg = replace(prior.PRESETS[args.preset], vocab_size=vq.cfg.codebook_size, n_tokens=tokens.shape[1],
-                  clip_dim=embeddings.shape[1], adaln=args.adaln, remove_mean=args.remove_mean)
+    sizes = dict(vocab_size=vq.cfg.codebook_size, n_tokens=tokens.shape[1], clip_dim=embeddings.shape[1],
+                 remove_mean=args.remove_mean)
+    if args.prior == "diffusion":
+        cfg = replace(diffusion.PRESETS[args.preset], **sizes)
+    else:
+        cfg = replace(prior.PRESETS[args.preset], adaln=args.adaln, **sizes)
     ckpt, ckpt_path = latest_checkpoint(args, "prior", proc)
     if ckpt is not None:
         if ckpt["vqgan_sha256"] != vqgan_sha256:
             fail(f"{vqgan_path} is not the VQGAN {ckpt_path} was trained with; resuming would pair the prior "
                  f"with other tokens. Train the prior into a new --out")
         refuse_changed_run(ckpt, ckpt_path, asdict(cfg), args, per_rank * proc.world)
-        cfg = prior.PriorConfig(**ckpt["config"])
+        cfg = type(cfg)(**ckpt["config"])
     start = ckpt["step"] if ckpt is not None else 0
     if start >= args.prior_steps:
         return
-    raw_model = prior.Prior(cfg).to(proc.device)
+    raw_model = (diffusion.DiffusionPrior if args.prior == "diffusion" else prior.Prior)(cfg).to(proc.device)
     raw_model.embedding_mean.copy_(mean_direction(embeddings, n_train))  # used only with --remove-mean
     # Weight decay on matrices only; biases, norms and vectors are left alone (as in nanoGPT).
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]
@@ -532,8 +572,10 @@ def train_prior(args, images, fingerprint, proc):
         opt.load_state_dict(ckpt["optimizer"])
     model = wrap_model(raw_model, args, proc)
     if proc.master:
-        print(f"prior {millions(raw_model)}M params ({cfg.n_layer} layers, width {cfg.n_embd}, "
-              f"{'prefix + adaLN' if cfg.adaln else 'prefix'} conditioning) | {n_train} training sequences of "
+        kind = f"diffusion prior, {cfg.n_steps} steps, adaLN" if args.prior == "diffusion" else \
+            f"GPT prior, {'prefix + adaLN' if cfg.adaln else 'prefix'}"
+        print(f"{kind} conditioning: {millions(raw_model)}M params ({cfg.n_layer} layers, width {cfg.n_embd}) | "
+              f"{n_train} training sequences of "
               f"{cfg.n_tokens} tokens, {n_holdout} images held out | CLIP {args.clip} ({cfg.clip_dim}-d) | "
               f"global batch {per_rank * proc.world} = {per_rank * proc.world * cfg.n_tokens} tokens/step | "
               f"lr {args.prior_lr} | device {proc.device} x{proc.world}")
@@ -553,10 +595,10 @@ def train_prior(args, images, fingerprint, proc):
         # This rank's rows of the cache and its share of the step's random draws; both are functions of the
         # step alone (see data.batch_indices and step_randomness), like stage 1's images.
         rows, _ = data.batch_indices(n_train, per_rank, proc.rank, proc.world, args.seed, step)
-        drop, noise = step_randomness(args, step, per_rank, cfg.clip_dim, proc)
+        draws = step_randomness(args, step, per_rank, cfg, proc)
         micro = [(read_rows(tokens, rows[j:j + args.batch_size]).to(proc.device, non_blocking=True),
                   read_rows(embeddings, rows[j:j + args.batch_size]).to(proc.device, non_blocking=True),
-                  drop[j:j + args.batch_size].to(proc.device), noise[j:j + args.batch_size].to(proc.device))
+                  {k: v[j:j + args.batch_size].to(proc.device) for k, v in draws.items()})
                  for j in range(0, per_rank, args.batch_size)]
         # The embedding loss costs several GPT steps (a VQGAN decode and a CLIP forward with their backward);
         # every few steps on a few images keeps its signal at a fraction of the cost.
@@ -569,15 +611,17 @@ def train_prior(args, images, fingerprint, proc):
 
         if step % args.log_every == 0 or step == args.prior_steps:
             guard.check()
-            shown = mean_over_ranks({"ce": logs["ce"], "embed": embed_loss}, proc.device)
+            terms = {"vlb": logs["vlb"], "aux": logs["aux"]} if args.prior == "diffusion" else \
+                {"ce": logs["ce"], "embed": embed_loss}
+            shown = mean_over_ranks(terms, proc.device)
             if proc.master:
-                print(f"step {step:>6}/{args.prior_steps} | ce {shown['ce']:.4f} embed {shown['embed']:.4f} | "
+                print(f"step {step:>6}/{args.prior_steps} | {' '.join(f'{k} {v:.4f}' for k, v in shown.items())} | "
                       f"lr {lr_at(step - 1, args):.2e} | {meter.rate(step, per_rank * proc.world * cfg.n_tokens):,.0f} "
                       f"tokens/s | eta {meter.eta(step, args.prior_steps)}", flush=True)
         stopping = stop.requested(step, proc.device)
         if step % args.save_every == 0 or step == args.prior_steps or stopping:
             guard.check()
-            ckpt = {"kind": "prior", "config": asdict(cfg), "model": raw_model.state_dict(),
+            ckpt = {"kind": "prior", "prior_type": args.prior, "config": asdict(cfg), "model": raw_model.state_dict(),
                     "optimizer": opt.state_dict(), "step": step, "global_batch": per_rank * proc.world,
                     "rng": gather_process_states(proc, embed=embed_loss.item()), "clip": args.clip,
                     "vqgan": os.path.abspath(vqgan_path), "vqgan_sha256": vqgan_sha256, "args": vars(args)}
@@ -834,6 +878,9 @@ def refuse_changed_run(ckpt, ckpt_path, config, args, global_batch):
     """Exit, naming the flag, if resuming with these flags would build another model than the checkpoint's
     or feed the data in another order (seed, global batch); anything else may change on resume."""
     saved = ckpt["args"]
+    if saved.get("prior", "ar") != args.prior:
+        fail(f"--prior {args.prior} but {ckpt_path} holds a --prior {saved.get('prior', 'ar')} run; resume with "
+             f"--prior {saved.get('prior', 'ar')}, or train the other prior into another --out")
     if saved["preset"] != args.preset:
         fail(f"--preset {args.preset} but {ckpt_path} was trained with --preset {saved['preset']}; resume with "
              f"the same preset, or start a new run in another --out")

@@ -1,0 +1,237 @@
+"""
+diffusion.py: the second prior, CLIP-VQDiffusion's (Han & Kim 2024, arXiv 2403.14944): a discrete diffusion model
+over the same VQGAN tokens as the GPT prior (prior.py), conditioned on the same CLIP embedding.
+
+Where the GPT writes the 16x16 token grid one token at a time in raster order, this model starts from a grid
+of [MASK] tokens and denoises all positions together over T steps, each step seeing the whole grid (VQ-Diffusion,
+Gu et al. 2022, arXiv 2111.14822). Its forward process is "mask-and-replace": at every step a token stays, is
+replaced by a uniformly random code, or becomes [MASK], which it never leaves. The network is a bidirectional
+transformer that predicts the clean grid x0 from the noisy one x_t (the paper's reparameterisation); the
+reverse step p(x_{t-1} | x_t) is that prediction pushed through the forward process's exact posterior. The
+timestep and the CLIP embedding each enter through an adaptive LayerNorm (CLIP-VQDiffusion's conditioning,
+in place of VQ-Diffusion's cross-attention to text); guidance, pseudo-text noise and --remove-mean are
+shared with the GPT prior.
+
+    python train.py --data imgs/ --prior diffusion        # trains this model instead of the GPT on out/vqgan.pt
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import prior
+
+
+@dataclass
+class DiffusionConfig:
+    vocab_size: int = 16384  # = the VQGAN's codebook size K; [MASK] is token id K
+    n_tokens: int = 256  # a 16x16 grid
+    n_layer: int = 24  # CLIP-VQDiffusion's transformer: 24 layers of width 512 with 16 heads
+    n_head: int = 16
+    n_embd: int = 512
+    clip_dim: int = 512
+    n_steps: int = 100  # T, the diffusion steps trained (sampling may take fewer)
+    remove_mean: bool = False  # as in PriorConfig
+    dropout: float = 0.0
+
+
+AUX_LOSS_WEIGHT = 5e-4  # lambda of the auxiliary x0 loss in VQ-Diffusion's released configs (train.py's default)
+
+PRESETS = {
+    "paper": DiffusionConfig(),
+    "small": DiffusionConfig(n_layer=4, n_head=4, n_embd=128),  # the GPT prior's small size, for a fair comparison
+    "tiny": DiffusionConfig(n_layer=2, n_head=2, n_embd=64),
+}
+
+
+class Schedule(nn.Module):
+    """VQ-Diffusion's linear mask-and-replace schedule, and the two distributions everything else is built from.
+
+    After t of T steps a token is still its original with probability alpha_bar_t + beta_bar_t, is any one
+    other code with beta_bar_t, and is [MASK] with gamma_bar_t. alpha_bar falls linearly from 0.99999 to
+    0.000009 and gamma_bar rises from 0.000009 to 0.99999 (the paper's values); beta_bar_t = (1 - alpha_bar_t -
+    gamma_bar_t) / K. Step 0 is the clean grid (alpha_bar 1, gamma_bar 0). With these end points alpha_bar +
+    gamma_bar = 0.999999 at every step, so a token is replaced with probability 1e-6 in all: the released
+    schedule is, in effect, pure masking. alpha_bar and 1 - gamma_bar are kept in float64, since beta_bar is
+    their small difference, which float32 would round by ~10%."""
+
+    def __init__(self, n_steps, vocab_size):
+        super().__init__()
+        self.n_steps, self.K = n_steps, vocab_size
+        ramp = torch.linspace(0, 1, n_steps, dtype=torch.float64)
+        alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), 0.99999 + ramp * (0.000009 - 0.99999)])
+        unmasked_bar = torch.cat([torch.ones(1, dtype=torch.float64), 1 - (0.000009 + ramp * (0.99999 - 0.000009))])
+        self.register_buffer("alpha_bar", alpha_bar, persistent=False)  # (T + 1,)
+        self.register_buffer("unmasked_bar", unmasked_bar, persistent=False)  # (T + 1,) = 1 - gamma_bar
+
+    def transition(self, s, t):
+        """q(x_t | x_s) for steps s < t, (B,) each -> (keep, per_code, mask), each (B, 1, 1): a code stays itself
+        with probability keep + per_code, becomes each other code with per_code, and [MASK] with mask. Products
+        of mask-and-replace matrices keep that form, so this is the T-step transition for s = 0 and one step
+        of the fast sampler for any other s (VQ-Diffusion's fast inference)."""
+        keep = self.alpha_bar[t] / self.alpha_bar[s]
+        unmasked = self.unmasked_bar[t] / self.unmasked_bar[s]
+        per_code = (unmasked - keep).clamp_min(0) / self.K
+        return [v.float().view(-1, 1, 1) for v in (keep, per_code, 1 - unmasked)]
+
+    def corrupt(self, x0, t, uniform, codes):
+        """x_t ~ q(x_t | x_0), the forward process in closed form: x0 (B, N) tokens, t (B,) steps, and the draws
+        it uses, uniform (B, N) in [0, 1) and codes (B, N) in [0, K), passed in so that train.py can make them
+        a function of the step. -> (B, N) tokens, [MASK] included."""
+        keep, per_code, mask = (v.squeeze(2) for v in self.transition(torch.zeros_like(t), t))  # (B, 1) each
+        masked = uniform < mask
+        replaced = ~masked & (uniform < mask + self.K * per_code)  # a uniform code, x0's own included
+        return torch.where(masked, self.K, torch.where(replaced, codes, x0))
+
+    def posterior(self, x0_probs, x_t, s, t):
+        """p(x_s | x_t) = sum over x0 of q(x_s | x_t, x0) x0_probs(x0): the reverse step from a prediction of the
+        clean grid (VQ-Diffusion's reparameterisation; with a one-hot x0_probs, the true posterior the loss
+        compares it with). x0_probs (B, N, K) floats, x_t (B, N), s < t (B,) -> (B, N, K + 1) probabilities of
+        x_s over the codes and [MASK].
+
+        Bayes: q(x_s | x_t, x0) = q(x_t | x_s) q(x_s | x0) / q(x_t | x0). All three are the forward process's,
+        evaluated at the observed x_t, so the sum over x0 is two cheap steps: weight each x0 by x0_probs /
+        q(x_t | x0), push the weights through q(x_s | x0), and multiply by q(x_t | x_s)."""
+        observed = F.one_hot(x_t.clamp(max=self.K - 1), self.K)  # (B, N, K); rows of masked positions unused
+        is_mask = (x_t == self.K).unsqueeze(-1)  # (B, N, 1)
+        keep, per_code, mask = self.transition(torch.zeros_like(t), t)  # q(x_t | x0)
+        weights = x0_probs / torch.where(is_mask, mask, per_code + keep * observed).clamp_min(1e-30)  # (B, N, K)
+        total = weights.sum(-1, keepdim=True)  # (B, N, 1)
+        keep, per_code, mask = self.transition(torch.zeros_like(s), s)  # q(x_s | x0)
+        codes, masked = keep * weights + per_code * total, mask * total  # (B, N, K), (B, N, 1)
+        keep, per_code, mask = self.transition(s, t)  # q(x_t | x_s): from a code, and from [MASK] (stays)
+        codes = codes * torch.where(is_mask, mask, per_code + keep * observed)
+        masked = masked * is_mask
+        probs = torch.cat([codes, masked], dim=-1)  # (B, N, K + 1)
+        return probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block, bidirectional, with two adaptive LayerNorms (CLIP-VQDiffusion): the
+    timestep modulates the norm before attention, the CLIP condition the norm before the MLP, each as
+    LN(x) * (1 + scale) + shift with scale and shift zero-initialised (so training starts from plain LN)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg.n_embd
+        self.ln_1 = nn.LayerNorm(C, elementwise_affine=False)
+        self.attn = prior.SelfAttention(cfg, causal=False)
+        self.ln_2 = nn.LayerNorm(C, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(approximate="tanh"), nn.Linear(4 * C, C),
+                                 nn.Dropout(cfg.dropout))
+        self.ada_step = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+        self.ada_cond = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
+
+    def forward(self, x, step, cond):  # x (B, N, C); step, cond (B, C)
+        shift, scale = self.ada_step(step).unsqueeze(1).chunk(2, dim=-1)  # 2x (B, 1, C)
+        x = x + self.attn(self.ln_1(x) * (1 + scale) + shift)
+        shift, scale = self.ada_cond(cond).unsqueeze(1).chunk(2, dim=-1)
+        return x + self.mlp(self.ln_2(x) * (1 + scale) + shift)
+
+
+class DiffusionPrior(nn.Module):
+    """p(x0 | x_t, t, CLIP embedding): logits over the K codes at every position of the grid."""
+
+    def __init__(self, cfg: DiffusionConfig):
+        super().__init__()
+        self.cfg = cfg
+        C = cfg.n_embd
+        self.schedule = Schedule(cfg.n_steps, cfg.vocab_size)
+        # As in prior.Prior: the learned "no condition" input for guidance, and the images' mean embedding.
+        self.null_embedding = nn.Parameter(torch.randn(cfg.clip_dim) / cfg.clip_dim ** 0.5)
+        self.register_buffer("embedding_mean", torch.zeros(cfg.clip_dim))
+        self.cond_proj = nn.Linear(cfg.clip_dim, C)
+        self.step_emb = nn.Embedding(cfg.n_steps + 1, C)  # a learned vector per step, as VQ-Diffusion's AdaLN
+        self.tok_emb = nn.Embedding(cfg.vocab_size + 1, C)  # the codes and [MASK]
+        self.pos_emb = nn.Parameter(torch.zeros(cfg.n_tokens, C))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(C)
+        self.head = nn.Linear(C, cfg.vocab_size, bias=False)  # x0 is never [MASK]
+        for name, p in self.named_parameters():  # GPT-2's initialisation, as prior.Prior's
+            if name.endswith("bias") or ".ada_" in name:
+                nn.init.zeros_(p)
+            elif name.endswith(("attn.proj.weight", "mlp.2.weight")):
+                nn.init.normal_(p, std=0.02 / (2 * cfg.n_layer) ** 0.5)
+            elif p.dim() >= 2 or name == "pos_emb":
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, embeddings, x_t, t, drop=None):
+        """embeddings (B, clip_dim) CLIP embeddings, x_t (B, N) noisy tokens, t (B,) steps in 1..T, drop (B,)
+        rows given the null condition -> (B, N, K) logits of x0."""
+        cond = prior.unit_condition(embeddings, drop, self.null_embedding, self.embedding_mean,
+                                    self.cfg.remove_mean).to(self.cond_proj.weight.dtype)
+        x = self.drop(self.tok_emb(x_t) + self.pos_emb)  # (B, N, C)
+        step, c = self.step_emb(t), self.cond_proj(cond)  # (B, C) each
+        for block in self.blocks:
+            x = block(x, step, c)
+        return self.head(self.ln_f(x))
+
+    @torch.no_grad()
+    def sample(self, embeddings, temperature=1.0, top_k=None, top_p=None, guidance=1.0, generator=None, steps=None):
+        """(B, clip_dim) CLIP embeddings -> (B, n_tokens) sampled tokens, from a grid of [MASK] at step T.
+
+        steps: reverse steps to take (default: all T); fewer visit evenly spaced steps, jumping from t to the
+        next s < t with the exact q(x_s | x_t, x0) (VQ-Diffusion's fast inference). temperature, top_k and
+        top_p shape each step's x0 prediction; top_p is VQ-Diffusion's truncation (CLIP-VQDiffusion: 0.85).
+        guidance != 1 mixes conditional and null-conditioned log-probabilities of x0 as the GPT prior mixes
+        its logits (Tang et al. 2022 for discrete diffusion). One draw per position and step from
+        `generator`, the same with or without guidance."""
+        B, N, K, T = embeddings.shape[0], self.cfg.n_tokens, self.cfg.vocab_size, self.cfg.n_steps
+        steps = T if steps is None else steps
+        if not 1 <= steps <= T:
+            raise ValueError(f"steps must be in 1..{T} (the steps this prior was trained with), got {steps}")
+        device = embeddings.device
+        drop = torch.zeros(B, dtype=torch.bool, device=device)
+        if guidance != 1.0:
+            embeddings, drop = torch.cat([embeddings, embeddings]), torch.cat([drop, ~drop])
+        times = torch.linspace(T, 0, steps + 1, device=device).round().long()  # T = t_0 > t_1 > ... > 0
+        x = torch.full((B, N), K, dtype=torch.long, device=device)
+        for t, s in zip(times[:-1], times[1:]):
+            fed = torch.cat([x, x]) if guidance != 1.0 else x
+            log_p = self(embeddings, fed, t.expand(len(fed)), drop).float().log_softmax(-1)  # (B or 2B, N, K)
+            if guidance != 1.0:
+                c, u = log_p.chunk(2)
+                log_p = (u + guidance * (c - u)).log_softmax(-1)
+            x0_probs = prior.filter_logits(log_p, temperature, top_k, top_p).softmax(-1)  # (B, N, K)
+            probs = self.schedule.posterior(x0_probs, x, s.expand(B), t.expand(B))  # (B, N, K + 1)
+            x = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(B, N)
+        return x  # at s = 0 the posterior gives [MASK] no mass
+
+
+def diffusion_loss(logits, x0, x_t, t, schedule, aux_weight):
+    """VQ-Diffusion's training loss: the variational bound plus lambda times the auxiliary x0 loss.
+    -> (loss, vlb, aux), scalars; every term is in nats per token.
+
+    logits (B, N, K) of x0 from forward(condition, x_t, t); x0 (B, N) the true tokens; t (B,) steps in 1..T.
+    The bound's term at step t > 1 is KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)), both from
+    Schedule.posterior (the second with the model's prediction); at t = 1 it is -log p(x0 | x_1). With t drawn
+    uniformly, their mean estimates the bound up to the factor T (VQ-Diffusion draws t by importance instead).
+    The auxiliary loss is the cross-entropy of the x0 prediction itself, weighted by 2 - t/T as in
+    VQ-Diffusion's code: it gives the network a direct signal that the bound, which unmasks ~1/t of the
+    masked tokens per step, dilutes."""
+    log_p = logits.float().log_softmax(-1)  # (B, N, K)
+    nll = -log_p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # (B, N): -log p(x0 | x_t)
+    s = t - 1
+    model = schedule.posterior(log_p.exp(), x_t, s, t)  # (B, N, K + 1)
+    true = schedule.posterior(F.one_hot(x0, schedule.K).float(), x_t, s, t)
+    kl = (torch.xlogy(true, true) - torch.xlogy(true, model.clamp_min(1e-30))).sum(-1)  # (B, N)
+    vlb = torch.where((t == 1).unsqueeze(1), nll, kl).mean()
+    aux = (nll.mean(1) * (2 - t.float() / schedule.n_steps)).mean()
+    return vlb + aux_weight * aux, vlb, aux
+
+
+def from_checkpoint(ckpt, path, device="cpu"):
+    """A DiffusionPrior rebuilt from a checkpoint dict train.py wrote (read from `path`), in eval mode."""
+    if ckpt.get("prior_type") != "diffusion":
+        raise ValueError(f"{path} holds a GPT prior, not a diffusion one; load it with clipgen.load_prior")
+    model = DiffusionPrior(DiffusionConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def load_prior(path, device="cpu"):
+    """A diffusion prior from its checkpoint file, and the checkpoint dict."""
+    return from_checkpoint(data.load_checkpoint(path, "prior"), path, device)
