@@ -130,7 +130,8 @@ class CLIPGen:
         if keep > n:
             raise ValueError(f"keep ({keep}) can not exceed n ({n})")
         text = self.embed_text(list(prompts))
-        images = self.sample_images(text, n, temperature, top_k, top_p, guidance, seed, batch_size, progress, diffusion_steps)
+        images = self.sample_images(text, n, temperature, top_k, top_p, guidance, seed, batch_size, progress,
+                                    diffusion_steps)
         return self._rerank(images, text, keep)
 
     def variations(self, image, n=16, keep=4, temperature=1.0, top_k=None, top_p=None, guidance=1.0, seed=0,
@@ -138,7 +139,8 @@ class CLIPGen:
         """Images like `image` (a PIL image): sampled from its CLIP image embedding, exactly what the prior
         was trained on, and ranked by CLIP similarity to it."""
         target = self.embed_pil([image])
-        images = self.sample_images(target, n, temperature, top_k, top_p, guidance, seed, batch_size, progress, diffusion_steps)
+        images = self.sample_images(target, n, temperature, top_k, top_p, guidance, seed, batch_size, progress,
+                                    diffusion_steps)
         return self._rerank(images, target, keep)[0]
 
     def interpolation_embeddings(self, prompt_a, prompt_b, steps):
@@ -156,7 +158,8 @@ class CLIPGen:
         """A list of `steps` (PIL image, score) pairs morphing from prompt_a to prompt_b: at each point,
         the best of n samples by CLIP similarity to the interpolated embedding."""
         path = self.interpolation_embeddings(prompt_a, prompt_b, steps)
-        images = self.sample_images(path, n, temperature, top_k, top_p, guidance, seed, batch_size, progress, diffusion_steps)
+        images = self.sample_images(path, n, temperature, top_k, top_p, guidance, seed, batch_size, progress,
+                                    diffusion_steps)
         return [best[0] for best in self._rerank(images, F.normalize(path, dim=-1), 1)]
 
     # ----- evaluation

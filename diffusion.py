@@ -182,7 +182,7 @@ class DiffusionPrior(nn.Module):
         B, N, K, T = embeddings.shape[0], self.cfg.n_tokens, self.cfg.vocab_size, self.cfg.n_steps
         steps = T if steps is None else steps
         if not 1 <= steps <= T:
-            raise ValueError(f"steps must be in 1..{T} (the steps this prior was trained with), got {steps}")
+            raise ValueError(f"steps must be in 1..{T}: this prior was trained with {T} steps (got {steps})")
         device = embeddings.device
         drop = torch.zeros(B, dtype=torch.bool, device=device)
         if guidance != 1.0:

@@ -126,11 +126,6 @@ def main(argv=None):
     # Python's default shows a source line and hides repeats, which reads like a crash to a user.
     warnings.simplefilter("always")
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
-    trained_steps = getattr(gen.prior.cfg, "n_steps", None)  # None: the GPT prior
-    if args.diffusion_steps is not None and not (trained_steps and args.diffusion_steps <= trained_steps):
-        sys.exit(f"error: --diffusion-steps {args.diffusion_steps}: the prior in {args.run!r} " +
-                 (f"was trained with {trained_steps} steps; give at most that" if trained_steps else
-                  "is the GPT, which writes one token per step; drop --diffusion-steps"))
 
     t0 = time.time()
 
@@ -148,10 +143,15 @@ def main(argv=None):
             image = data.open_rgb(args.image)
         except (OSError, UnidentifiedImageError) as e:
             sys.exit(f"error: could not read --image {args.image!r}: {e}")
-        names, results = [f"variations_{slug(os.path.splitext(os.path.basename(args.image))[0])}"], \
-            [gen.variations(image, **sampling)]
+        names = [f"variations_{slug(os.path.splitext(os.path.basename(args.image))[0])}"]
     else:
-        names, results = unique_names([slug(p) for p in args.prompts]), gen.generate(args.prompts, **sampling)
+        names = unique_names([slug(p) for p in args.prompts])
+    # The prior refuses a --diffusion-steps it can not take (a GPT's, or more steps than trained) before its
+    # first sample: one line, nothing written.
+    try:
+        results = [gen.variations(image, **sampling)] if args.image else gen.generate(args.prompts, **sampling)
+    except ValueError as e:
+        sys.exit(f"error: --diffusion-steps {args.diffusion_steps}: {e}")
 
     # File names carry the prompt and seed, so the same command writes the same files with the same bytes,
     # and another seed never overwrites them.

@@ -878,9 +878,10 @@ def refuse_changed_run(ckpt, ckpt_path, config, args, global_batch):
     """Exit, naming the flag, if resuming with these flags would build another model than the checkpoint's
     or feed the data in another order (seed, global batch); anything else may change on resume."""
     saved = ckpt["args"]
-    if saved.get("prior", "ar") != args.prior:
-        fail(f"--prior {args.prior} but {ckpt_path} holds a --prior {saved.get('prior', 'ar')} run; resume with "
-             f"--prior {saved.get('prior', 'ar')}, or train the other prior into another --out")
+    saved_prior = saved.get("prior", "ar")  # runs from before --prior existed trained the GPT
+    if saved_prior != args.prior:
+        fail(f"--prior {args.prior} but {ckpt_path} holds a --prior {saved_prior} run; resume with "
+             f"--prior {saved_prior}, or train the other prior into another --out")
     if saved["preset"] != args.preset:
         fail(f"--preset {args.preset} but {ckpt_path} was trained with --preset {saved['preset']}; resume with "
              f"the same preset, or start a new run in another --out")
