@@ -189,13 +189,13 @@ def stable_seed(*parts):
 class ImageFolder(Dataset):
     """Square crops of images as (3, S, S) tensors in [-1, 1].
 
-    Indexed with an int: a center crop (evaluation, caches, grids). Indexed with (i, epoch): a random crop
-    and flip drawn from a generator seeded by (seed, epoch, i), so an image's augmentation does not depend
-    on which process or worker loads it. That is what makes 2 processes equal 1, and a resumed run equal
-    an uninterrupted one."""
+    Indexed with an int: a center crop (evaluation, caches, grids). Indexed with (i, epoch): a random crop,
+    flip and, with hue_jitter > 0, a hue rotation by up to +-hue_jitter of the colour wheel, all drawn from
+    a generator seeded by (seed, epoch, i), so an image's augmentation does not depend on which process or
+    worker loads it. That is what makes 2 processes equal 1, and a resumed run equal an uninterrupted one."""
 
-    def __init__(self, images, image_size, seed=0):
-        self.images, self.size, self.seed = images, image_size, seed  # ImageRefs (or plain paths)
+    def __init__(self, images, image_size, seed=0, hue_jitter=0.0):
+        self.images, self.size, self.seed, self.hue_jitter = images, image_size, seed, hue_jitter  # ImageRefs
         self.resize = transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True)
         self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)])
 
@@ -214,13 +214,14 @@ class ImageFolder(Dataset):
         else:
             raise ValueError("no image could be decoded")
         W, H = image.size
-        if epoch is None:
-            left, top, flip = (W - self.size) // 2, (H - self.size) // 2, False
-        else:
+        left, top, flip, hue = (W - self.size) // 2, (H - self.size) // 2, False, 0.0
+        if epoch is not None:
             g = torch.Generator().manual_seed(stable_seed(self.seed, epoch, i))
             left, top = (int(torch.randint(d - self.size + 1, (), generator=g)) for d in (W, H))
             flip = bool(torch.randint(2, (), generator=g))
-        x = self.to_tensor(image.crop((left, top, left + self.size, top + self.size)))  # (3, S, S)
+            hue = (2 * float(torch.rand((), generator=g)) - 1) * self.hue_jitter
+        image = image.crop((left, top, left + self.size, top + self.size))
+        x = self.to_tensor(transforms.functional.adjust_hue(image, hue) if hue else image)  # (3, S, S)
         return x.flip(-1) if flip else x
 
 

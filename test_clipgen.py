@@ -634,12 +634,12 @@ def test_tiny_vqgan_overfits_a_few_images():
     model, disc, opt_g, _ = _stage1_parts()
     images = synthetic_images(4)
     psnrs = []
-    for step in range(150):
+    for step in range(100):
         _, logs = train.generator_step(model, model, disc, None, opt_g, [images], False, nullcontext())
         psnrs.append(logs["psnr"].item())
-    # Calibrated: on this seed PSNR goes from 10.4 dB to 25.0 dB in 150 steps; asserting +10 dB leaves margin
+    # Calibrated: on this seed PSNR goes from 10.4 dB to 21.2 dB in 100 steps; asserting +8 dB leaves margin
     # for platform differences while failing any regression to slow or no learning.
-    assert psnrs[-1] > psnrs[0] + 10, (psnrs[0], psnrs[-1])
+    assert psnrs[-1] > psnrs[0] + 8, (psnrs[0], psnrs[-1])
 
 
 def test_perceptual_loss_distance_and_offline_message(monkeypatch):
@@ -704,6 +704,21 @@ def test_tar_shards_read_as_the_same_images_as_files(tmp_path):
     assert len(refs) == 6 and "002.tar (not an uncompressed tar file" in bad[0] and bad[1].endswith("003.tar:bad.jpg")
     assert data.expand_braces("s/{8..10}-{a,b}.tar") == ["s/8-a.tar", "s/8-b.tar", "s/9-a.tar", "s/9-b.tar",
                                                          "s/10-a.tar", "s/10-b.tar"]
+
+
+def test_hue_jitter_turns_colours_keeps_greys_and_is_reproducible(tmp_path):
+    toyworld.make_images(tmp_path, 4, size=32)  # a coloured letter on a plain grey
+    files = sorted(str(p) for p in tmp_path.glob("*.png"))
+    plain, jittered = data.ImageFolder(files, 32, seed=1), data.ImageFolder(files, 32, seed=1, hue_jitter=0.5)
+    x = torch.stack([jittered[(i, e)] for i in range(4) for e in range(8)])  # (32, 3, S, S)
+    assert torch.equal(x, torch.stack([jittered[(i, e)] for i in range(4) for e in range(8)]))  # seeded draws
+    same = torch.stack([plain[(i, e)] for i in range(4) for e in range(8)])
+    # The crop and flip draws come first, so the geometry is plain's: grey pixels (the background) keep their
+    # value, coloured ones (the letter) mostly change.
+    grey = (same.max(1).values - same.min(1).values) < 0.02  # (32, S, S)
+    change = (x - same).abs().amax(1)  # (32, S, S), in units of [-1, 1]
+    assert change[grey].max() < 0.02 and (change[~grey] > 0.2).float().mean() > 0.5
+    assert torch.equal(data.ImageFolder(files, 32, seed=1, hue_jitter=0.0)[(2, 3)], plain[(2, 3)])
 
 
 def test_the_manifest_rechecks_only_changed_sources(tmp_path, monkeypatch):
@@ -1060,17 +1075,18 @@ def test_cache_key_tracks_vqgan_clip_and_size(tmp_path, ckpt_root):
     assert train.cache_key(paths, data.sha256_of(vq_path), clip_paths["state_dict"], 32) != key
 
 
-def test_train_all_stages_end_to_end(tmp_path, ckpt_root):
+def test_train_all_stages_end_to_end(tmp_path, ckpt_root, capsys):
     write_image_folder(tmp_path / "imgs")
     _, clip_paths = _checkpoint_files("tiny-vit", ckpt_root)
     out = tmp_path / "run"
-    common = ["train.py", "--data", str(tmp_path / "imgs"), "--out", str(out), "--preset", "tiny",
-              "--batch-size", "4", "--log-every", "2", "--save-every", "4", "--perceptual", "none",
-              "--workers", "0", "--clip", clip_paths["state_dict"]]
-    r = run_script(*common, "--stage", "prior")
-    assert r.returncode != 0 and "no VQGAN checkpoint" in r.stderr and "--stage vqgan" in r.stderr
-    r = run_script(*common, "--stage", "all", "--vqgan-steps", "2", "--prior-steps", "4", "--warmup", "2",
-                   "--embed-loss-every", "2")
+    common = ["--data", str(tmp_path / "imgs"), "--out", str(out), "--preset", "tiny", "--batch-size", "4",
+              "--log-every", "2", "--save-every", "4", "--perceptual", "none", "--workers", "0",
+              "--clip", clip_paths["state_dict"]]
+    # The whole run as the shell sees it; the refusals and the cached re-run in-process (the same code path).
+    with pytest.raises(SystemExit, match=r"no VQGAN checkpoint.*--stage vqgan"):
+        train.main([*common, "--stage", "prior"])
+    r = run_script("train.py", *common, "--stage", "all", "--vqgan-steps", "2", "--prior-steps", "4", "--warmup",
+                   "2", "--embed-loss-every", "2")
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("skipping 1 unreadable") == 1 and "encoding 14 images" in r.stdout
     assert "14 of 14 cache chunks" in r.stdout  # 14 images: a chunk each (the encoding splits over processes)
@@ -1085,13 +1101,14 @@ def test_train_all_stages_end_to_end(tmp_path, ckpt_root):
     assert model.cfg.clip_dim == 32 and model.cfg.n_tokens == 64 and model.cfg.vocab_size == TINY.codebook_size
     assert (out / "prior_0000004.png").exists()
     # Same VQGAN, CLIP and images: the cache is reused. A CLIP of another width is refused on resume.
-    r = run_script(*common, "--stage", "prior", "--prior-steps", "2", "--warmup", "1", "--overwrite")
-    assert r.returncode == 0 and "using cached" in r.stdout, r.stderr
+    capsys.readouterr()
+    train.main([*common, "--stage", "prior", "--prior-steps", "2", "--warmup", "1", "--overwrite"])
+    assert "using cached" in capsys.readouterr().out
     wide = random_openai_state_dict({**TINY_VIT, "embed_dim": 48})
     torch.save(wide, tmp_path / "wide_clip.pt")
-    r = run_script(*common[:-1], str(tmp_path / "wide_clip.pt"), "--stage", "prior", "--prior-steps", "6", "--resume")
-    assert r.returncode == 1 and "--clip gives clip_dim = 48" in r.stderr and "trained with 32" in r.stderr
-    assert "Traceback" not in r.stderr
+    with pytest.raises(SystemExit, match=r"--clip gives clip_dim = 48 .* trained with 32"):
+        train.main([*common[:-1], str(tmp_path / "wide_clip.pt"), "--stage", "prior", "--prior-steps", "6",
+                    "--resume"])
 
 
 # ===========================================================================================================
@@ -1182,19 +1199,17 @@ def test_from_checkpoint_refuses_a_clip_of_another_size(trained_run, tmp_path):
 
 
 def test_sample_script_is_deterministic(trained_run, tmp_path):
-    def sample(seed, out):
-        r = run_script("sample.py", "a red square", "--run", str(trained_run / "out"), "--n", "4", "--keep", "2",
-                       "--seed", str(seed), "--out", str(out))
-        assert r.returncode == 0, r.stderr
-        return r
-    r = sample(0, tmp_path / "a")
+    args = lambda seed, out: ["a red square", "--run", str(trained_run / "out"), "--n", "4", "--keep", "2",
+                              "--seed", str(seed), "--out", str(out)]
+    r = run_script("sample.py", *args(0, tmp_path / "a"))  # as the shell sees it; the repeats in-process
+    assert r.returncode == 0, r.stderr
     files = sorted(os.listdir(tmp_path / "a"))
     assert files == ["a_red_square_seed0_0.png", "a_red_square_seed0_1.png", "a_red_square_seed0_grid.png"]
     assert "CLIP score" in r.stdout and str(tmp_path / "a" / files[0]) in r.stdout
-    sample(0, tmp_path / "b")
+    sample.main(args(0, tmp_path / "b"))
     read = lambda folder, name: (folder / name).read_bytes()
     assert all(read(tmp_path / "a", f) == read(tmp_path / "b", f) for f in files)
-    sample(1, tmp_path / "c")
+    sample.main(args(1, tmp_path / "c"))
     assert read(tmp_path / "a", files[2]) != read(tmp_path / "c", "a_red_square_seed1_grid.png")
 
 
@@ -1298,8 +1313,10 @@ def assert_same_prior(path_a, path_b, atol=1e-5):
 def test_two_processes_equal_one(scale_setup):
     root, common = scale_setup
     # taming's learning rate, 1e-4: at the tiny recipe's the GroupNorm-bias noise (see assert_same_vqgan) grows.
+    # Stage 2 trains the diffusion prior: the training loop is the GPT's, and its random draws (condition
+    # dropout, pseudo-text noise, then steps, masks and replacement codes) include all of the GPT's.
     args = [*common, "--vqgan-steps", "4", "--prior-steps", "4", "--disc-start", "100", "--log-every", "2",
-            "--save-every", "4", "--embed-loss-weight", "0", "--vqgan-lr", "1e-4"]
+            "--save-every", "4", "--vqgan-lr", "1e-4", "--prior", "diffusion", "--pseudo-text-alpha", "0.3"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                 *args, "--batch-size", "4"]
     one = run_script("train.py", *args, "--batch-size", "8", "--out", str(root / "one"))
@@ -1311,7 +1328,7 @@ def test_two_processes_equal_one(scale_setup):
     # Losses are means over the global batch, averaged over ranks: the same numbers (psnr/ppl are nonlinear).
     strip = lambda lines: [line.split("| psnr")[0] for line in lines]
     stage1, stage2 = (lambda r: [l for l in loss_lines(r.stdout) if "psnr" in l]), \
-        (lambda r: [l for l in loss_lines(r.stdout) if " ce " in l])
+        (lambda r: [l for l in loss_lines(r.stdout) if " vlb " in l])
     assert strip(stage1(one)) == strip(stage1(two)) and len(stage1(one)) == 2
     assert_same_vqgan(root / "one" / "vqgan.pt", root / "two" / "vqgan.pt")
     # Stage 2 from the same vqgan.pt (the two VQGANs differ by rounding, which can flip a token): the cache
@@ -1325,20 +1342,6 @@ def test_two_processes_equal_one(scale_setup):
     assert len(cache("one")) == 2 * 14 and cache("one") == cache("two_prior")
     assert stage2(one) == stage2(two) and len(stage2(one)) == 2
     assert_same_prior(root / "one" / "prior.pt", root / "two_prior" / "prior.pt")
-    # The diffusion prior's draws (steps, masks) are cut from the step's global draws too: the same equality.
-    for run in ("one_diffusion", "two_diffusion"):  # the same VQGAN and, so, the same cache: no re-encoding
-        os.makedirs(root / run)
-        shutil.copy(root / "one" / "vqgan.pt", root / run / "vqgan.pt")
-        for folder in (root / "one").glob("prior_cache_*"):
-            shutil.copytree(folder, root / run / folder.name)
-    diffusion_args = ["--stage", "prior", "--prior", "diffusion", "--pseudo-text-alpha", "0.3"]
-    one = run_script("train.py", *args, *diffusion_args, "--batch-size", "8", "--out", str(root / "one_diffusion"))
-    two = subprocess.run([*torchrun, *diffusion_args, "--out", str(root / "two_diffusion")], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
-    vlb = lambda r: [line for line in loss_lines(r.stdout) if " vlb " in line]
-    assert vlb(one) == vlb(two) and len(vlb(one)) == 2
-    assert_same_prior(root / "one_diffusion" / "prior.pt", root / "two_diffusion" / "prior.pt")
 
 
 def test_gradient_accumulation_equals_a_larger_batch(scale_setup):
@@ -1414,17 +1417,18 @@ def test_sigterm_saves_a_checkpoint_and_exits(scale_setup):
     assert 1 <= ckpt["step"] < 100000
 
 
-def test_truncated_latest_checkpoint_falls_back(scale_setup):
+def test_truncated_latest_checkpoint_falls_back(scale_setup, capsys):
     root, common = scale_setup
-    args = ["train.py", *common, "--stage", "vqgan", "--batch-size", "4", "--log-every", "4", "--save-every", "4",
+    args = [*common, "--stage", "vqgan", "--batch-size", "4", "--log-every", "4", "--save-every", "4",
             "--out", str(root / "trunc")]
-    assert run_script(*args, "--vqgan-steps", "8").returncode == 0
+    train.main([*args, "--vqgan-steps", "8"])
     latest = root / "trunc" / "vqgan.pt"
     latest.write_bytes(latest.read_bytes()[:5000])  # a crash mid-copy; the hard-linked step file is cut too
-    r = run_script(*args, "--vqgan-steps", "12", "--resume")
-    assert r.returncode == 0, r.stderr
-    assert "not a readable checkpoint" in r.stderr and "trying an older checkpoint" in r.stderr
-    assert "vqgan_0000004.pt at step 4" in r.stdout
+    capsys.readouterr()
+    train.main([*args, "--vqgan-steps", "12", "--resume"])
+    r = capsys.readouterr()
+    assert "not a readable checkpoint" in r.err and "trying an older checkpoint" in r.err
+    assert "vqgan_0000004.pt at step 4" in r.out
     assert torch.load(latest, weights_only=True)["step"] == 12
 
 
@@ -1619,7 +1623,8 @@ def test_scripts_refuse_bad_arguments(tmp_path, capsys):
                           (["--out", str(tmp_path / "file")], "is a file"),
                           (["--prior", "diffusion", "--adaln"], "always conditioned by adaLN"),
                           (["--prior", "diffusion", "--embed-loss-weight", "0.1"], "does not use it"),
-                          (["--aux-loss-weight", "1"], "add --prior diffusion")):
+                          (["--aux-loss-weight", "1"], "add --prior diffusion"),
+                          (["--hue-jitter", "0.7"], "--hue-jitter must be in [0, 0.5]")):
         with pytest.raises(SystemExit) as e:
             train.parse_args(["--data", str(tmp_path), *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err
@@ -1724,6 +1729,15 @@ def test_toyworld_prompts_get_their_letter_and_colour(toy_run):
     print(f"toy world, CI recipe: reconstructions {reconstructions:.2f}, seen {result['seen']:.2f}, "
           f"held out {result['held_out']:.2f}")
     assert reconstructions >= TOY_FLOORS["reconstructions"]  # chance (letter and colour guessed): 1/16
+
+
+def test_toyworld_evaluate_scores_what_it_reads(toy_run, monkeypatch):
+    # Every prompt answered by the same red A: the shares are known.
+    red_a = toyworld.render("A", "red", "stub", size=toy_run.vqgan.cfg.image_size)
+    monkeypatch.setattr(toy_run, "generate", lambda prompts, n, keep, seed, **k: [[(red_a, 30.0)] for _ in prompts])
+    r = toyworld.evaluate(toy_run, n=1, keep=1, seeds=2)
+    assert r["seen"] == pytest.approx(1 / 12) and r["held_out"] == 0 and r["per_combination"][("A", "red")] == 1
+    assert r["letter"] == r["colour"] == 0.25 and r["clip_score"] == 30.0 and len(r["images"][0]) == 2
 
 
 # ===========================================================================================================
