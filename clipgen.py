@@ -173,8 +173,11 @@ class CLIPGen:
         real_refs, _ = data.readable_images(real_images_dir)
         if results is None:
             results = self.generate(prompts, n=n, keep=keep, seed=seed, **sampling)
+        return self.score_results(results, self.embed_pil([data.open_rgb(r) for r in real_refs]))
+
+    def score_results(self, results, real_features):
+        """generate()'s results and (M, clip_dim) CLIP features of real images -> evaluate()'s metrics."""
         fake_features = self.embed_pil([im for per_prompt in results for im, _ in per_prompt])
-        real_features = self.embed_pil([data.open_rgb(r) for r in real_refs])
         scores = [score for per_prompt in results for _, score in per_prompt]
         return {"clip_score": sum(scores) / len(scores), "frechet_distance": frechet_distance(fake_features, real_features),
                 "n_generated": len(scores), "n_real": len(real_features)}

@@ -210,25 +210,22 @@ def evaluate(gen, n=8, keep=2, seeds=1, **sampling):
     with the asked "letter" and the asked "colour", the kept images (a list per combination, all seeds'),
     their mean CLIP score, the CLIP-feature Frechet distance between them and as many fresh images of the
     world (every combination equally), and the sampling time per candidate."""
-    kept, scores = {combo: [] for combo in COMBINATIONS}, []
-    t0 = time.time()
+    kept, t0 = {combo: [] for combo in COMBINATIONS}, time.time()
     for seed in range(seeds):
         results = gen.generate([caption(l, c) for l, c in COMBINATIONS], n=n, keep=keep, seed=seed, **sampling)
         for combo, ranked in zip(COMBINATIONS, results):
-            kept[combo] += [im for im, _ in ranked]
-            scores += [score for _, score in ranked]
+            kept[combo] += ranked
     seconds = (time.time() - t0) / (seeds * n * len(COMBINATIONS))
+    real, _ = fresh_images(keep * seeds, seed="frechet", size=gen.vqgan.cfg.image_size)
+    metrics = gen.score_results(list(kept.values()), gen.embed_images(real))
+    kept = {combo: [im for im, _ in ranked] for combo, ranked in kept.items()}
     read = [(read_attributes(im), combo) for combo, ims in kept.items() for im in ims]
     per_combination = {combo: sum(r == c == combo for r, c in read) / len(ims) for combo, ims in kept.items()}
     mean = lambda combos: sum(per_combination[c] for c in combos) / len(combos)
     attribute = lambda i: sum(r[i] == c[i] for r, c in read) / len(read)  # 0: letter, 1: colour
-    real, _ = fresh_images(keep * seeds, seed="frechet", size=gen.vqgan.cfg.image_size)
-    frechet = clipgen.frechet_distance(gen.embed_pil([im for ims in kept.values() for im in ims]),
-                                       gen.embed_images(real))
     return {"seen": mean(SEEN), "held_out": mean(HELD_OUT), "per_combination": per_combination,
-            "letter": attribute(0), "colour": attribute(1),
-            "images": list(kept.values()), "clip_score": sum(scores) / len(scores), "frechet": frechet,
-            "seconds_per_sample": seconds}
+            "letter": attribute(0), "colour": attribute(1), "images": list(kept.values()),
+            "clip_score": metrics["clip_score"], "frechet": metrics["frechet_distance"], "seconds_per_sample": seconds}
 
 
 @torch.no_grad()
