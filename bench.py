@@ -29,10 +29,12 @@ from torchvision.models import vgg16
 
 import diffusion
 import prior
+import runtime
 import vqgan
+from clipgen import PRESETS
 
 # The peers' shapes (--peers): taming's vqgan_imagenet_f16_1024 and GPT-2 small over one image's tokens.
-PEER_VQGAN = replace(vqgan.PRESETS["paper"], codebook_size=1024)
+PEER_VQGAN = replace(PRESETS["paper"].vqgan, codebook_size=1024)
 PEER_PRIOR = prior.PriorConfig(vocab_size=1024, n_tokens=256, n_layer=12, n_head=12, n_embd=768)
 
 # Published dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
@@ -229,8 +231,8 @@ def peer_rows(device, iters):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", choices=sorted(vqgan.PRESETS), default=None, help="model size (default: paper on CUDA, tiny on CPU)")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=runtime.HelpFormatter)
+    p.add_argument("--size", choices=list(PRESETS), help="model size, a preset (default: paper on CUDA, tiny on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--vqgan-batch", type=int, default=None, help="images per VQGAN step (default: 8 paper, 4 tiny)")
     p.add_argument("--prior-batch", type=int, default=None, help="sequences per prior step (default: 32 paper, 8 tiny)")
@@ -245,10 +247,9 @@ def main():
     size = args.size or ("paper" if device.type == "cuda" else "tiny")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    vq_cfg = vqgan.PRESETS[size]
-    # The prior always writes a 16x16 = 256-token grid here, the paper's sequence length.
-    prior_cfg = prior.PriorConfig(**{**prior.PRESETS[size].__dict__, "n_tokens": 256})
-    diff_cfg = diffusion.DiffusionConfig(**{**diffusion.PRESETS[size].__dict__, "n_tokens": 256})
+    vq_cfg = PRESETS[size].vqgan
+    # The priors always write a 16x16 = 256-token grid here, the paper's sequence length.
+    prior_cfg, diff_cfg = replace(PRESETS[size].prior, n_tokens=256), replace(PRESETS[size].diffusion, n_tokens=256)
     vq_batch = args.vqgan_batch or (8 if size == "paper" else 4)
     prior_batch = args.prior_batch or (32 if size == "paper" else 8)
     peak, peak_source = device_peak(device)

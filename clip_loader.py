@@ -35,8 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import transforms
 
-from data import sha256_of
-
 # -----------------------------------------------------------------------------------------------------------
 # OpenAI's released checkpoints. The path segment before each file name is the file's SHA-256, which is
 # what we verify a download against.
@@ -67,6 +65,15 @@ def available_models():
 def cache_dir(download_root=None):
     """Where downloads go: the argument, else $CLIPGEN_CACHE, else ~/.cache/clipgen."""
     return download_root or os.environ.get("CLIPGEN_CACHE") or os.path.expanduser("~/.cache/clipgen")
+
+
+def sha256_of(path):
+    """Hex SHA-256 of a file, read in 1 MB chunks (checkpoints can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def download(url, root, sha256):

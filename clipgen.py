@@ -17,6 +17,7 @@ reranking DALL-E and CLIP-GEN both use). The prior is whichever train.py trained
 import math
 import os
 import warnings
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,57 @@ import data
 import diffusion
 import prior
 import vqgan
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Presets: every named size of the whole system, its three models and the training recipe that fits them,
+# in one table. train.py --preset and bench.py --size take their choices from it; a flag a user gives
+# overrides the recipe's value.
+
+
+@dataclass(frozen=True)
+class Preset:
+    vqgan: vqgan.VQGANConfig
+    prior: prior.PriorConfig  # vocab_size, n_tokens and clip_dim are set from the VQGAN and CLIP actually used
+    diffusion: diffusion.DiffusionConfig  # likewise
+    # The training recipe: what train.py's flags of these names mean when left out.
+    batch_size: int  # images per process per step, both stages
+    vqgan_steps: int
+    vqgan_lr: float
+    disc_start: int  # step at which the GAN starts; past vqgan_steps = no GAN
+    prior_steps: int
+    prior_lr: float
+    perceptual: str  # "vgg" or "none"
+
+
+RECIPE_FIELDS = [f.name for f in fields(Preset) if f.name not in ("vqgan", "prior", "diffusion")]
+
+PRESETS = {
+    # CLIP-GEN's sizes (256 px, 16x16 tokens of 16,384 codes, a 24-layer GPT) with taming's recipe; a GPU job.
+    "paper": Preset(vqgan.VQGANConfig(), prior.PriorConfig(), diffusion.DiffusionConfig(),
+                    batch_size=8, vqgan_steps=100_000, vqgan_lr=1e-4, disc_start=10_000, prior_steps=100_000,
+                    prior_lr=3e-4, perceptual="vgg"),
+    # 64 px for a CPU or a small GPU, both stages in about 30 minutes on 2 cores (the toy worlds, RESULTS.md).
+    # A downsampling of 4 (16x16 tokens), not 16: an 8x8 grid blurs thin strokes into blobs. No attention in
+    # the tokenizer: with it, the tokenizer ties colours to the shapes it saw them on and recolours unseen
+    # combinations. No GAN: at this budget it swaps whole colours. Both priors the same size, so that they
+    # can be compared at equal cost.
+    "small": Preset(vqgan.VQGANConfig(image_size=64, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                                      attn_resolutions=(), mid_attention=False, z_channels=64, codebook_size=256,
+                                      codebook_dim=16, dead_code_steps=100, disc_channels=32, disc_layers=2),
+                    prior.PriorConfig(n_layer=4, n_head=4, n_embd=128),
+                    diffusion.DiffusionConfig(n_layer=4, n_head=4, n_embd=128),
+                    batch_size=16, vqgan_steps=1200, vqgan_lr=5e-4, disc_start=100_000, prior_steps=2500,
+                    prior_lr=1e-3, perceptual="none"),
+    # For tests: 32 px, 8x8 tokens, a 128-entry codebook; taming's attention kept, so the tests cover it.
+    "tiny": Preset(vqgan.VQGANConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                                     attn_resolutions=(8,), z_channels=32, codebook_size=128, codebook_dim=8,
+                                     dead_code_steps=50, disc_channels=16, disc_layers=2),
+                   prior.PriorConfig(n_layer=2, n_head=2, n_embd=64),
+                   diffusion.DiffusionConfig(n_layer=2, n_head=2, n_embd=64),
+                   batch_size=8, vqgan_steps=2000, vqgan_lr=5e-4, disc_start=1000, prior_steps=2000, prior_lr=1e-3,
+                   perceptual="none"),
+}
 
 
 class CLIPGen:
@@ -45,7 +97,7 @@ class CLIPGen:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         prior_model, ckpt = load_prior(prior_path, device)
         vqgan_model, _ = vqgan.load_vqgan(vqgan_path, device)
-        if data.sha256_of(vqgan_path) != ckpt["vqgan_sha256"]:
+        if clip_loader.sha256_of(vqgan_path) != ckpt["vqgan_sha256"]:
             warnings.warn(f"{vqgan_path} is not the VQGAN {prior_path} was trained with "
                           f"({ckpt['vqgan']}); images will not match what the prior meant")
         clip_model, _ = clip_loader.load(clip or ckpt["clip"], device=device)
@@ -91,9 +143,7 @@ class CLIPGen:
         `seed`, so a prompt's images depend on the prompt, seed, n and batch size, not on the other prompts
         sampled with it. diffusion_steps: the diffusion prior's reverse steps (default: all it was trained
         with); the GPT writes one token per step and takes no such choice."""
-        if diffusion_steps is not None and not isinstance(self.prior, diffusion.DiffusionPrior):
-            raise ValueError("the number of diffusion steps is a choice of the diffusion prior; this run's prior "
-                             "is the GPT")
+        self.check_diffusion_steps(diffusion_steps)
         extra = {} if diffusion_steps is None else {"steps": diffusion_steps}
         side = math.isqrt(self.prior.cfg.n_tokens)
         total, done, results = len(embeddings) * n, 0, []
@@ -112,6 +162,15 @@ class CLIPGen:
         if progress:
             progress(total, total)
         return torch.stack(results)
+
+    def check_diffusion_steps(self, steps):
+        """Raise ValueError unless `steps` (None: all) is a number of reverse steps this run's prior takes."""
+        if steps is None:
+            return
+        if not isinstance(self.prior, diffusion.DiffusionPrior):
+            raise ValueError("the number of diffusion steps is a choice of the diffusion prior; this run's prior "
+                             "is the GPT")
+        self.prior.reverse_steps(steps)
 
     def _rerank(self, images, targets, keep):
         """images (P, n, 3, H, W), targets (P, clip_dim) -> per condition, the `keep` images most similar

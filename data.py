@@ -1,8 +1,8 @@
 """
 data.py: the files clipgen reads and writes, shared by training and inference: images (folders and tar
 shards, a manifest of what was checked, robust RGB loading, augmentation, the step-indexed sampler that
-makes runs reproducible), checkpoints (atomic writes, loading that never runs pickled code, file hashes)
-and memory-mapped arrays (stage 2's cache).
+makes runs reproducible), checkpoints (atomic writes, loading that never runs pickled code) and stage 2's
+cache of tokens and embeddings (memory-mapped chunk files).
 
 Everything here raises exceptions (ValueError, OSError) with a message a user can act on; the scripts turn
 them into one `error:` line. Nothing here calls sys.exit, so library code (clipgen.CLIPGen) can use it.
@@ -14,6 +14,7 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import tarfile
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
@@ -258,16 +260,7 @@ class StepSampler(Sampler):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Checkpoints and file hashes.
-
-
-def sha256_of(path):
-    """Hex SHA-256 of a file, read in 1 MB chunks (checkpoints can be gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# Checkpoints.
 
 
 def write_atomically(path, write):
@@ -298,8 +291,30 @@ def load_checkpoint(path, kind):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Arrays too large for every process to hold a copy of (stage 2's cache at ImageNet scale): rows stored in
-# .npy chunk files, memory-mapped.
+# Stage 2's cache: every image's VQGAN tokens and CLIP embedding, too large at ImageNet scale for every process
+# to hold a copy of. It is a folder of chunk files of consecutive images (and their mirror images), tokens
+# in the smallest integer type the codebook fits, embeddings in fp16, memory-mapped when read. Processes
+# encode the chunks round-robin and write each one when it is complete, so a killed build keeps its finished
+# chunks. Chunk boundaries depend on the number of images alone, so the cache's bytes do not depend on how
+# many processes built it. (Its key and its build need the models: train.py.)
+
+CACHE_CHUNKS = 64  # about this many chunks, so that up to 64 processes share the encoding...
+CACHE_CHUNK_MAX = 4096  # ...but no more images than this per chunk (a killed build loses at most that)
+
+
+def cache_chunk_size(n_images):
+    return min(CACHE_CHUNK_MAX, math.ceil(n_images / CACHE_CHUNKS))
+
+
+def cache_chunks(n_images):
+    """The image indices of each cache chunk: consecutive ranges of cache_chunk_size images."""
+    size = cache_chunk_size(n_images)
+    return [range(start, min(start + size, n_images)) for start in range(0, n_images, size)]
+
+
+def cache_file(folder, kind, chunk):
+    """The file of one chunk; kind is "tokens" or "embeddings"."""
+    return os.path.join(folder, f"{kind}_{chunk:05d}.npy")
 
 
 def save_npy(array, path):
@@ -321,6 +336,13 @@ class ChunkedArray:
     def shape(self):
         return (len(self), *self.parts[0].shape[1:])
 
+    def mean_of_unit_rows(self, n_rows):
+        """The mean of the first n_rows rows, each scaled to unit length, (D,) float32, one file at a time."""
+        total = 0
+        for start, part in zip(self.starts, self.parts):
+            total = total + F.normalize(torch.from_numpy(part[:max(0, n_rows - start)].astype(np.float32)), dim=-1).sum(0)
+        return total / n_rows
+
     def __getitem__(self, rows):
         """rows (a sequence of ints) -> an ndarray (len(rows), ...) copied out of the files."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -329,3 +351,16 @@ class ChunkedArray:
         for k in np.unique(part):  # at most one pass per file the rows fall in
             out[part == k] = self.parts[k][rows[part == k] - self.starts[k]]
         return out
+
+
+def open_cache(folder, n_images):
+    """The cache of n_images images in `folder` -> (tokens, embeddings) ChunkedArrays of 2 * n_images rows."""
+    n_chunks = len(cache_chunks(n_images))
+    return tuple(ChunkedArray([cache_file(folder, kind, c) for c in range(n_chunks)])
+                 for kind in ("tokens", "embeddings"))
+
+
+def read_rows(array, rows):
+    """Rows of a cache array as a tensor: token ids as int64 (what nn.Embedding takes), embeddings as fp32."""
+    out = array[rows]
+    return torch.from_numpy(out.astype(np.float32 if out.dtype == np.float16 else np.int64))

@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
 import prior
 
 
@@ -38,13 +37,6 @@ class DiffusionConfig:
 
 
 AUX_LOSS_WEIGHT = 5e-4  # lambda of the auxiliary x0 loss in VQ-Diffusion's released configs (train.py's default)
-
-PRESETS = {
-    "paper": DiffusionConfig(),
-    "small": DiffusionConfig(n_layer=4, n_head=4, n_embd=128),  # the GPT prior's small size, for a fair comparison
-    "tiny": DiffusionConfig(n_layer=2, n_head=2, n_embd=64),
-}
-
 
 class Schedule(nn.Module):
     """VQ-Diffusion's linear mask-and-replace schedule, and the two distributions everything else is built from.
@@ -169,6 +161,13 @@ class DiffusionPrior(nn.Module):
             x = block(x, step, c)
         return self.head(self.ln_f(x))
 
+    def reverse_steps(self, steps=None):
+        """The reverse steps a sampler takes: `steps`, checked against the T trained, or all T if None."""
+        T = self.cfg.n_steps
+        if steps is not None and not 1 <= steps <= T:
+            raise ValueError(f"steps must be in 1..{T}: this prior was trained with {T} steps (got {steps})")
+        return T if steps is None else steps
+
     @torch.no_grad()
     def sample(self, embeddings, temperature=1.0, top_k=None, top_p=None, guidance=1.0, generator=None, steps=None):
         """(B, clip_dim) CLIP embeddings -> (B, n_tokens) sampled tokens, from a grid of [MASK] at step T.
@@ -180,9 +179,7 @@ class DiffusionPrior(nn.Module):
         its logits (Tang et al. 2022 for discrete diffusion). One draw per position and step from
         `generator`, the same with or without guidance."""
         B, N, K, T = embeddings.shape[0], self.cfg.n_tokens, self.cfg.vocab_size, self.cfg.n_steps
-        steps = T if steps is None else steps
-        if not 1 <= steps <= T:
-            raise ValueError(f"steps must be in 1..{T}: this prior was trained with {T} steps (got {steps})")
+        steps = self.reverse_steps(steps)
         device = embeddings.device
         drop = torch.zeros(B, dtype=torch.bool, device=device)
         if guidance != 1.0:
@@ -231,7 +228,3 @@ def from_checkpoint(ckpt, path, device="cpu"):
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 
-
-def load_prior(path, device="cpu"):
-    """A diffusion prior from its checkpoint file, and the checkpoint dict."""
-    return from_checkpoint(data.load_checkpoint(path, "prior"), path, device)

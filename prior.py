@@ -19,7 +19,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clip_loader
-import data
 
 
 @dataclass
@@ -34,13 +33,6 @@ class PriorConfig:
     adaln: bool = False  # also modulate every block's LayerNorms with the embedding (CLIP-VQDiffusion)
     remove_mean: bool = False  # project the training images' mean embedding out of every condition (ours)
     dropout: float = 0.0
-
-
-PRESETS = {
-    "paper": PriorConfig(),
-    "small": PriorConfig(n_layer=4, n_head=4, n_embd=128),  # enough for letter x colour x position
-    "tiny": PriorConfig(n_layer=2, n_head=2, n_embd=64),
-}
 
 
 class SelfAttention(nn.Module):
@@ -204,10 +196,10 @@ class Prior(nn.Module):
     def use_matvec_layout(self):
         """Sampling a few sequences multiplies each weight matrix by a few vectors per token, so on a CPU
         its speed is memory bandwidth: every weight is read once per token. MKL streams a matrix laid out
-        (in, out) faster than PyTorch's (out, in) when out >= in (measured on 2 cores with 768-wide inputs:
-        12-20 GB/s against 11; bench.py --peers), so load_prior stores those matrices that way on a CPU:
-        the same values, which F.linear, the optimizers and state_dict accept in either layout. Done once,
-        at load: the transposing copy costs as much as sampling a few tokens. In place; returns the model."""
+        (in, out) faster than PyTorch's (out, in) when out >= in (bench.py --peers; RESULTS.md), so
+        clipgen.load_prior stores those matrices that way on a CPU: the same values, which F.linear, the
+        optimizers and state_dict accept in either layout. Done once, at load, since the transposing copy
+        costs as much as sampling a few tokens. In place; returns the model."""
         if self.head.weight.device.type != "cpu":  # measured on CPUs only
             return self
         for m in self.modules():
@@ -309,15 +301,10 @@ def clipgen_loss(logits, tokens, embeddings, drop, embed_weight=0.0, embed_rows=
     return ce + embed_weight * embed, ce, embed
 
 
-def load_prior(path, device="cpu"):
-    """A GPT prior rebuilt from its self-describing checkpoint (written by train.py), in eval mode (and, on a
-    CPU, in the matvec layout sampling wants there), and the checkpoint dict (which names the CLIP and VQGAN it
-    was trained with). clipgen.load_prior loads either kind of prior."""
-    return from_checkpoint(data.load_checkpoint(path, "prior"), path, device)
-
-
 def from_checkpoint(ckpt, path, device="cpu"):
-    """load_prior's work on a checkpoint dict already read from `path` (named in errors)."""
+    """A GPT prior rebuilt from the self-describing checkpoint dict train.py wrote (read from `path`, named in
+    errors), in eval mode and, on a CPU, in the matvec layout sampling wants there. clipgen.load_prior reads
+    the file and calls this or diffusion.from_checkpoint, whichever prior the file holds."""
     if ckpt.get("prior_type", "ar") != "ar":
         raise ValueError(f"{path} holds a {ckpt['prior_type']} prior, not the GPT; load it with clipgen.load_prior")
     model = Prior(PriorConfig(**ckpt["config"]))

@@ -1,5 +1,5 @@
 """
-sample.py: text to image from the shell, with a run trained by train.py.
+sample.py: text to image from the shell, with a run trained by train.py (CLIP-GEN section 3.3).
 
     python sample.py "a dog"                                  # 16 candidates, the best 4 kept, from out/
     python sample.py "a red car" "a blue car" --n 32 --keep 8 --guidance 2 --seed 1
@@ -8,7 +8,11 @@ sample.py: text to image from the shell, with a run trained by train.py.
     python sample.py "a dog" --eval-real val_imgs/            # CLIP score and CLIP-feature Frechet distance
 
 Writes each kept image, named after its prompt and the seed, and one grid of them all (a row per prompt) to
---out, and prints their paths with their CLIP scores (100 x cosine similarity of image and prompt).
+--out, and prints their paths with their CLIP scores (100 x cosine similarity of image and prompt). The work
+is clipgen.CLIPGen's; this script checks the command line, names the files and reports.
+
+Exit codes: 2 for a bad command line (argparse's convention, also used for our own checks of the arguments:
+an empty prompt, a missing --image file), 1 for a run that can not be loaded or a request it can not serve.
 """
 import argparse
 import os
@@ -23,35 +27,52 @@ from PIL import UnidentifiedImageError
 from torchvision.utils import save_image
 
 import data
+import runtime
 from clipgen import CLIPGen
 
 
-# Exit codes: 2 for a bad command line (argparse's convention, also used for our own checks of the
-# arguments: an empty prompt, a missing --image file), 1 for a run that can not be loaded or read.
+def existing_file(text):
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file {text!r}")
+    return text
+
+
+def out_folder(text):
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; name a folder for the images")
+    return text
+
+
+def device_name(text):
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use 'cpu', 'cuda' or 'cuda:N'")
+    return text
 
 
 def build_parser():
     p = argparse.ArgumentParser(description="Generate images from text with a trained CLIP-GEN run.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=runtime.HelpFormatter)
     p.add_argument("prompts", nargs="*", help="one or more prompts")
-    p.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="a text file with one prompt per line")
-    p.add_argument("--image", help="make variations of this image instead of following a prompt")
+    p.add_argument("--prompts", dest="prompts_file", metavar="FILE", type=existing_file,
+                   help="a text file with one prompt per line")
+    p.add_argument("--image", type=existing_file, help="make variations of this image instead of following a prompt")
     p.add_argument("--run", default="out", help="run folder with vqgan.pt and prior.pt (train.py's --out)")
-    p.add_argument("--out", default="samples", help="folder for the images")
-    p.add_argument("--n", type=int, default=16, help="candidates sampled per prompt")
-    p.add_argument("--keep", type=int, default=4, help="candidates kept per prompt, by CLIP score")
+    p.add_argument("--out", default="samples", type=out_folder, help="folder for the images")
+    p.add_argument("--n", type=runtime.at_least(1), default=16, help="candidates sampled per prompt")
+    p.add_argument("--keep", type=runtime.at_least(1), default=4,
+                   help="candidates kept per prompt, by CLIP score (at most --n)")
     p.add_argument("--seed", type=int, default=0,
                    help="random seed; the same seed, prompt, --n and --batch-size give the same images")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
+    p.add_argument("--temperature", type=runtime.at_least(0.0), default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=runtime.at_least(1), help="sample among the k likeliest tokens only")
+    p.add_argument("--top-p", type=runtime.between(0, 1, low_open=True), help="nucleus sampling threshold")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--diffusion-steps", type=int, default=None,
+    p.add_argument("--diffusion-steps", type=runtime.at_least(1),
                    help="reverse steps of a diffusion prior (train.py --prior diffusion): fewer are faster "
                         "(default: all it was trained with)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences sampled at once")
-    p.add_argument("--clip", default=None, help="CLIP name or path (default: the one the prior was trained with)")
-    p.add_argument("--device", default=None, help="'cpu' or 'cuda' (default: CUDA if available)")
+    p.add_argument("--batch-size", type=runtime.at_least(1), default=32, help="sequences sampled at once")
+    p.add_argument("--clip", help="CLIP name or path (default: the one the prior was trained with)")
+    p.add_argument("--device", type=device_name, help="'cpu' or 'cuda' (default: CUDA if available)")
     p.add_argument("--eval-real", metavar="DIR", help="also print CLIP score and Frechet distance to these images")
     return p
 
@@ -61,15 +82,11 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     if args.prompts_file:
-        if not os.path.isfile(args.prompts_file):
-            p.error(f"--prompts: no such file {args.prompts_file!r}")
         try:
             with open(args.prompts_file, encoding="utf-8") as f:
                 args.prompts += [line.strip() for line in f if line.strip()]
         except UnicodeDecodeError:
             p.error(f"--prompts: {args.prompts_file!r} is not UTF-8 text; save it as UTF-8")
-    if args.image and not os.path.isfile(args.image):
-        p.error(f"--image: no such file {args.image!r}")
     if args.image and args.prompts:
         p.error("give prompts or --image, not both: variations follow the image alone")
     if not args.prompts and not args.image:
@@ -80,18 +97,8 @@ def parse_args(argv=None):
         p.error("--eval-real needs prompts: the CLIP score compares images with their prompts")
     if args.eval_real and not os.path.isdir(args.eval_real):
         p.error(f"--eval-real: {args.eval_real!r} is not a folder")
-    if not 1 <= args.keep <= args.n:
+    if args.keep > args.n:
         p.error(f"--keep must be between 1 and --n ({args.n})")
-    if args.batch_size < 1 or args.temperature < 0:
-        p.error("--batch-size must be at least 1 and --temperature at least 0")
-    if args.diffusion_steps is not None and args.diffusion_steps < 1:
-        p.error("--diffusion-steps must be at least 1")
-    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        p.error(f"--device {args.device!r}: use 'cpu', 'cuda' or 'cuda:N'")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        p.error(f"--out {args.out!r} is a file; name a folder for the images")
-    if args.top_k is not None and args.top_k < 1 or args.top_p is not None and not 0 < args.top_p <= 1:
-        p.error("--top-k must be at least 1 and --top-p in (0, 1]")
     return args
 
 
@@ -113,8 +120,9 @@ def unique_names(names):
     return result
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def load_run(args):
+    """The run's three models, or one error line: a missing run, a file that is not a checkpoint, a CLIP of
+    the wrong size, or a --diffusion-steps the prior can not take (checked before the first sample)."""
     if not (os.path.isfile(os.path.join(args.run, "prior.pt")) and os.path.isfile(os.path.join(args.run, "vqgan.pt"))):
         sys.exit(f"error: no trained run in {args.run!r} (it needs vqgan.pt and prior.pt). Train one with\n"
                  f"  python train.py --data path/to/images --out {args.run}\nor point --run at one.")
@@ -122,15 +130,25 @@ def main(argv=None):
         gen = CLIPGen.from_checkpoint(args.run, clip=args.clip, device=args.device)
     except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: could not load the run in {args.run!r}: {e}")
+    try:
+        gen.check_diffusion_steps(args.diffusion_steps)
+    except ValueError as e:
+        sys.exit(f"error: --diffusion-steps {args.diffusion_steps}: {e}")
+    return gen
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    gen = load_run(args)
     # Warnings (a truncated prompt, a VQGAN that is not the prior's) as one plain line each, every time:
     # Python's default shows a source line and hides repeats, which reads like a crash to a user.
     warnings.simplefilter("always")
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
 
-    t0 = time.time()
-
     # Sampling is the slow part (a prior step per token, or per diffusion step); a progress line on stderr
     # keeps stdout clean for the list of files and scores, which scripts may parse.
+    t0 = time.time()
+
     def progress(done, total):
         print(f"\rsampling {done}/{total} sequences ({time.time() - t0:.0f}s)", end="\n" if done == total else "",
               file=sys.stderr, flush=True)
@@ -143,21 +161,19 @@ def main(argv=None):
             image = data.open_rgb(args.image)
         except (OSError, UnidentifiedImageError) as e:
             sys.exit(f"error: could not read --image {args.image!r}: {e}")
-        names = [f"variations_{slug(os.path.splitext(os.path.basename(args.image))[0])}"]
+        names, labels = [f"variations_{slug(os.path.splitext(os.path.basename(args.image))[0])}"], [args.image]
     else:
-        names = unique_names([slug(p) for p in args.prompts])
-    # The prior refuses a --diffusion-steps it can not take (a GPT's, or more steps than trained) before its
-    # first sample: one line, nothing written.
+        names, labels = unique_names([slug(p) for p in args.prompts]), args.prompts
     try:
         results = [gen.variations(image, **sampling)] if args.image else gen.generate(args.prompts, **sampling)
-    except ValueError as e:
-        sys.exit(f"error: --diffusion-steps {args.diffusion_steps}: {e}")
+    except ValueError as e:  # a request the models can not serve (the arguments were checked above)
+        sys.exit(f"error: {e}")
 
     # File names carry the prompt and seed, so the same command writes the same files with the same bytes,
     # and another seed never overwrites them.
     os.makedirs(args.out, exist_ok=True)
     grid = []
-    for name, label, kept in zip(names, [args.image] if args.image else args.prompts, results):
+    for name, label, kept in zip(names, labels, results):
         print(f"{label}:")
         for rank, (image, score) in enumerate(kept):
             path = os.path.join(args.out, f"{name}_seed{args.seed}_{rank}.png")

@@ -34,6 +34,7 @@ import clipgen
 import data
 import diffusion
 import prior
+import runtime
 import sample
 import toyworld
 import train
@@ -481,8 +482,8 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, ckpt_root):
 # Stage 1: VQGAN
 
 
-TINY = vqgan.PRESETS["tiny"]
-CPU = train.Process(0, 1, torch.device("cpu"))
+TINY = clipgen.PRESETS["tiny"].vqgan
+CPU = runtime.Process(0, 1, torch.device("cpu"))
 
 
 def synthetic_images(n, size=32, seed=0):
@@ -728,13 +729,13 @@ def test_the_manifest_rechecks_only_changed_sources(tmp_path, monkeypatch):
     readable = data._readable
     monkeypatch.setattr(data, "_readable", lambda ref: checked.append(str(ref)) or readable(ref))
     args = train.parse_args(["--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "run"), "--preset", "tiny"])
-    images, fingerprint = train.scan_data(args, CPU)
+    images, fingerprint = runtime.scan_data(args.data, args.out, CPU)
     assert len(checked) == 8 and len(images) == 7  # 4 files + 1 member + gray, rgba; the corrupt jpg is bad
     assert (tmp_path / "run" / "manifest.json").exists()
     checked.clear()
-    assert train.scan_data(args, CPU) == (images, fingerprint) and checked == []  # a second run reads the manifest
+    assert runtime.scan_data(args.data, args.out, CPU) == (images, fingerprint) and checked == []  # a second run reads the manifest
     (tmp_path / "imgs" / "img00.png").write_bytes(b"broken")  # changed: size and time
-    images2, fingerprint2 = train.scan_data(args, CPU)
+    images2, fingerprint2 = runtime.scan_data(args.data, args.out, CPU)
     assert checked == [str(tmp_path / "imgs" / "img00.png")] and fingerprint2 != fingerprint
     assert images2 == images[1:]
 
@@ -831,7 +832,7 @@ def test_the_matvec_layout_is_the_same_function_and_the_same_checkpoint(tmp_path
     # What load_prior gives on a CPU: that layout, from an ordinary checkpoint.
     torch.save({"kind": "prior", "config": model.cfg.__dict__, "model": tiny_prior().state_dict()},
                tmp_path / "prior.pt")
-    loaded, _ = prior.load_prior(str(tmp_path / "prior.pt"))
+    loaded, _ = clipgen.load_prior(str(tmp_path / "prior.pt"))
     assert loaded.blocks[1].mlp[0].weight.stride() == (1, 256) and not loaded.training
 
 
@@ -1065,14 +1066,14 @@ def test_cache_key_tracks_vqgan_clip_and_size(tmp_path, ckpt_root):
     vq_path = tmp_path / "vqgan.pt"
     torch.save({"kind": "vqgan", "w": torch.zeros(3)}, vq_path)
     _, clip_paths = _checkpoint_files("tiny-vit", ckpt_root)
-    vq_sha = data.sha256_of(vq_path)
-    key = train.cache_key(paths, vq_sha, clip_paths["state_dict"], 32)
-    assert train.cache_key(paths, vq_sha, clip_paths["state_dict"], 32) == key
-    assert train.cache_key(paths, vq_sha, clip_paths["fp16"], 32) != key
-    assert train.cache_key(paths, vq_sha, clip_paths["state_dict"], 48) != key
-    assert train.cache_key(fewer, vq_sha, clip_paths["state_dict"], 32) != key
+    vq_sha = clip_loader.sha256_of(vq_path)
+    key = runtime.cache_key(paths, vq_sha, clip_paths["state_dict"], 32)
+    assert runtime.cache_key(paths, vq_sha, clip_paths["state_dict"], 32) == key
+    assert runtime.cache_key(paths, vq_sha, clip_paths["fp16"], 32) != key
+    assert runtime.cache_key(paths, vq_sha, clip_paths["state_dict"], 48) != key
+    assert runtime.cache_key(fewer, vq_sha, clip_paths["state_dict"], 32) != key
     torch.save({"kind": "vqgan", "w": torch.ones(3)}, vq_path)
-    assert train.cache_key(paths, data.sha256_of(vq_path), clip_paths["state_dict"], 32) != key
+    assert runtime.cache_key(paths, clip_loader.sha256_of(vq_path), clip_paths["state_dict"], 32) != key
 
 
 def test_train_all_stages_end_to_end(tmp_path, ckpt_root, capsys):
@@ -1097,7 +1098,7 @@ def test_train_all_stages_end_to_end(tmp_path, ckpt_root, capsys):
     ckpt = torch.load(out / "prior.pt", weights_only=True)
     assert ckpt["kind"] == "prior" and ckpt["clip"] == clip_paths["state_dict"] and ckpt["step"] == 4
     assert ckpt["vqgan_sha256"] == clip_loader.sha256_of(out / "vqgan.pt")
-    model, _ = prior.load_prior(str(out / "prior.pt"))
+    model, _ = clipgen.load_prior(str(out / "prior.pt"))
     assert model.cfg.clip_dim == 32 and model.cfg.n_tokens == 64 and model.cfg.vocab_size == TINY.codebook_size
     assert (out / "prior_0000004.png").exists()
     # Same VQGAN, CLIP and images: the cache is reused. A CLIP of another width is refused on resume.
@@ -1253,7 +1254,7 @@ def test_a_diffusion_run_samples_through_the_same_commands(scale_setup, tmp_path
     gen = clipgen.CLIPGen.from_checkpoint(str(out))
     assert isinstance(gen.prior, diffusion.DiffusionPrior) and not gen.prior.training
     with pytest.raises(ValueError, match="diffusion prior"):
-        prior.load_prior(str(out / "prior.pt"))  # the GPT's loader names the right one
+        prior.from_checkpoint(data.load_checkpoint(out / "prior.pt", "prior"), out / "prior.pt")  # names the right one
     a = gen.generate(["a red square"], n=3, keep=2, seed=4, diffusion_steps=5)[0]
     b = gen.generate(["a red square"], n=3, keep=2, seed=4, diffusion_steps=5)[0]
     assert len(a) == 2 and [np.array(im).tolist() for im, _ in a] == [np.array(im).tolist() for im, _ in b]
@@ -1451,19 +1452,20 @@ def test_checkpoints_hold_no_pickled_code(trained_run):
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
-    guard = train.NonFiniteGuard(torch.device("cpu"))
+    guard = runtime.NonFiniteGuard(torch.device("cpu"))
     for step, loss in [(1, 0.5), (2, 0.4), (3, float("nan")), (4, float("inf")), (5, 0.3)]:
         guard.update(torch.tensor(loss), step)
     guard.last_good = "out/prior.pt"
     with pytest.raises(SystemExit, match="NaN/inf at step 3.*last good checkpoint is out/prior.pt"):
         guard.check()
-    fine = train.NonFiniteGuard(torch.device("cpu"))
+    fine = runtime.NonFiniteGuard(torch.device("cpu"))
     fine.update(torch.tensor(1.0), 1)
     fine.check()  # no exit
 
 
 def test_bench_flop_count_matches_the_model():
-    for cfg in (prior.PRESETS["paper"], prior.PRESETS["tiny"], diffusion.PRESETS["paper"], diffusion.PRESETS["tiny"]):
+    for cfg in (clipgen.PRESETS["paper"].prior, clipgen.PRESETS["tiny"].prior, clipgen.PRESETS["paper"].diffusion,
+                clipgen.PRESETS["tiny"].diffusion):
         with torch.device("meta"):  # shapes only: the 336M-parameter paper prior costs no memory or time
             model = (prior.Prior if isinstance(cfg, prior.PriorConfig) else diffusion.DiffusionPrior)(cfg)
         # matmul weights of the blocks and the output head, applied to every token: what the 6N term of the
@@ -1480,7 +1482,7 @@ def test_bench_flop_count_matches_the_model():
 
 # Each module may import only modules on a lower level: files at the bottom, then the models, the prior (which
 # needs the VQGAN's and CLIP's outputs, not their code), the generator, and the scripts on top.
-LEVELS = {"data": 0, "clip_loader": 1, "vqgan": 1, "prior": 2, "diffusion": 2.5, "clipgen": 3, "train": 4, "sample": 4,
+LEVELS = {"data": 0, "clip_loader": 0, "runtime": 1, "vqgan": 1, "prior": 2, "diffusion": 2.5, "clipgen": 3, "train": 4, "sample": 4,
           "bench": 4, "toyworld": 4}
 
 
@@ -1555,12 +1557,12 @@ def test_refused_resumes_name_the_flag_and_change_nothing(scale_setup, capsys):
 def test_a_signal_during_the_cache_build_stops_it_without_writing(tmp_path):
     write_image_folder(tmp_path / "imgs", n=3)
     refs, _ = data.readable_images(str(tmp_path / "imgs"))
-    stop = train.GracefulStop()
+    stop = runtime.GracefulStop()
     try:
         os.kill(os.getpid(), signal.SIGTERM)  # handled: sets the flag, as a scheduler's SIGTERM would
         assert stop.signal == signal.SIGTERM
         with pytest.raises(SystemExit) as e:
-            train.build_cache(refs, vqgan.VQGAN(TINY), None, str(tmp_path / "cache"), CPU, stop)  # before encoding
+            runtime.build_cache(refs, vqgan.VQGAN(TINY), None, str(tmp_path / "cache"), CPU, stop)  # before encoding
         assert e.value.code == 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -1578,26 +1580,26 @@ def test_a_killed_cache_build_keeps_finished_chunks_and_continues(tmp_path, ckpt
     class StopAfterFive:  # a SIGTERM that arrives once 5 chunks are written
         signal = property(lambda self: signal.SIGTERM if len(done(tmp_path / "a")) >= 10 else None)
 
-    assert train.cache_chunk_size(len(refs)) == 1  # 14 images: a chunk each
+    assert data.cache_chunk_size(len(refs)) == 1  # 14 images: a chunk each
     with pytest.raises(SystemExit) as e:
-        train.build_cache(refs, vq, clip_model, str(tmp_path / "a"), CPU, StopAfterFive())
+        runtime.build_cache(refs, vq, clip_model, str(tmp_path / "a"), CPU, StopAfterFive())
     assert e.value.code == 128 + signal.SIGTERM and len(done(tmp_path / "a")) == 10
     kept = {f: (tmp_path / "a" / f).stat().st_mtime_ns for f in done(tmp_path / "a")}
     encoded = []
     encode = vq.encode
     monkeypatch.setattr(vq, "encode", lambda x: encoded.append(len(x)) or encode(x))
-    train.build_cache(refs, vq, clip_model, str(tmp_path / "a"), CPU, train.GracefulStop())
+    runtime.build_cache(refs, vq, clip_model, str(tmp_path / "a"), CPU, runtime.GracefulStop())
     assert len(encoded) == 9 and all(n == 2 for n in encoded)  # only the missing chunks (an image and its flip)
     assert all((tmp_path / "a" / f).stat().st_mtime_ns == t for f, t in kept.items())
-    train.build_cache(refs, vq, clip_model, str(tmp_path / "b"), CPU, train.GracefulStop())  # uninterrupted
+    runtime.build_cache(refs, vq, clip_model, str(tmp_path / "b"), CPU, runtime.GracefulStop())  # uninterrupted
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in done(tmp_path / "b"))
     # Read back through the memory map: row 2i is image i's tokens, row 2i + 1 its mirror image's, in 16 bits.
-    tokens = data.ChunkedArray([train.cache_file(str(tmp_path / "a"), "tokens", c) for c in range(14)])
+    tokens = data.ChunkedArray([data.cache_file(str(tmp_path / "a"), "tokens", c) for c in range(14)])
     assert tokens.parts[0].dtype == np.uint16 and len(tokens) == 28
     x = data.ImageFolder(refs, 32)[6]
     with torch.no_grad():
         expected = vq.encode(torch.stack([x, x.flip(-1)])).flatten(1)
-    assert torch.equal(train.read_rows(tokens, [12, 13]), expected)
+    assert torch.equal(data.read_rows(tokens, [12, 13]), expected)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -1610,21 +1612,21 @@ def test_stage_two_takes_its_image_size_from_the_vqgan(scale_setup, capsys):
     with pytest.raises(SystemExit, match="--image-size 32 but .* trained at 48 px"):
         train.main([*args, "--stage", "prior", "--prior-steps", "2", "--image-size", "32"])
     train.main([*args, "--stage", "prior", "--prior-steps", "2", "--embed-loss-weight", "0"])
-    assert prior.load_prior(os.path.join(out, "prior.pt"))[0].cfg.n_tokens == 12 * 12  # 48 px / 4
+    assert clipgen.load_prior(os.path.join(out, "prior.pt"))[0].cfg.n_tokens == 12 * 12  # 48 px / 4
     assert Image.open(os.path.join(out, "prior_0000002.png")).size[0] == 2 * 48 + 3 * 2  # 2 held-out images
 
 
 def test_scripts_refuse_bad_arguments(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     for argv, message in ((["--image-size", "0"], "--image-size must be a positive multiple"),
-                          (["--vqgan-lr", "-1"], "--vqgan-lr must be positive"),
-                          (["--workers", "-1"], "--workers must not be negative"),
-                          (["--device", "gpu"], "--device 'gpu'"),
+                          (["--vqgan-lr", "-1"], "--vqgan-lr: must be positive"),
+                          (["--workers", "-1"], "--workers: must not be negative"),
+                          (["--device", "gpu"], "--device: 'gpu'"),
                           (["--out", str(tmp_path / "file")], "is a file"),
                           (["--prior", "diffusion", "--adaln"], "always conditioned by adaLN"),
                           (["--prior", "diffusion", "--embed-loss-weight", "0.1"], "does not use it"),
                           (["--aux-loss-weight", "1"], "add --prior diffusion"),
-                          (["--hue-jitter", "0.7"], "--hue-jitter must be in [0, 0.5]")):
+                          (["--hue-jitter", "0.7"], "--hue-jitter: must be in [0, 0.5]")):
         with pytest.raises(SystemExit) as e:
             train.parse_args(["--data", str(tmp_path), *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err

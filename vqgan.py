@@ -32,7 +32,7 @@ class VQGANConfig:
     channel_mult: tuple = (1, 1, 2, 2, 4)  # 5 levels = 4 halvings: 256 px -> 16x16 tokens
     num_res_blocks: int = 2
     attn_resolutions: tuple = (16,)  # feature-map sizes that get self-attention (only cheap ones)
-    mid_attention: bool = True  # taming's attention block in the middle of encoder and decoder (see "small")
+    mid_attention: bool = True  # taming's attention block in the middle of encoder and decoder
     z_channels: int = 256  # width of the latent grid around the quantizer
     codebook_size: int = 16384
     codebook_dim: int = 32  # lookup space; ViT-VQGAN finds 32 uses codes far better than 256
@@ -50,23 +50,6 @@ class VQGANConfig:
     @property
     def tokens_per_side(self):
         return self.image_size // self.downsample
-
-
-# Named configurations, as plain configs. "small" is for a CPU or one small GPU: 64 px images and 16x16 tokens
-# (a downsampling of 4, not 16: at this size an f=8 grid of 8x8 tokens blurs thin strokes into blobs), and no
-# attention: measured on the toy world (README), attention lets the tokenizer tie colours to the shapes it
-# saw them on, and it then recolours unseen combinations. "tiny" is for tests: 32 px, 8x8 tokens, a
-# 128-entry codebook, taming's attention kept (its 2-process run equals the 1-process one in the tests).
-# Training recipes per preset: train.RECIPES.
-PRESETS = {
-    "paper": VQGANConfig(),
-    "small": VQGANConfig(image_size=64, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
-                         attn_resolutions=(), mid_attention=False, z_channels=64, codebook_size=256,
-                         codebook_dim=16, dead_code_steps=100, disc_channels=32, disc_layers=2),
-    "tiny": VQGANConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-                        z_channels=32, codebook_size=128, codebook_dim=8, dead_code_steps=50, disc_channels=16,
-                        disc_layers=2),
-}
 
 
 def group_norm(channels):

@@ -1,0 +1,534 @@
+"""
+runtime.py: the plumbing of a training run, so that train.py can tell the story of the two stages.
+
+  - processes: this process's rank, world size and device (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK),
+    DDP wrapping, and the few collectives the loops need (broadcast, gather, mean over ranks);
+  - the data scan: which images --data names, checked once and remembered in OUT/manifest.json;
+  - stage 2's cache of every image's tokens and embedding: its key, and its build over the processes;
+  - checkpoints: written atomically, the newest K kept, the newest readable one found on --resume, and a
+    resume refused when its flags would build another model or feed the data in another order;
+  - random states, signals (SIGTERM, Ctrl-C) and the NaN guard, which make a resumed run equal an
+    uninterrupted one and stop a run without losing or corrupting a checkpoint;
+  - progress lines and the sample grids each stage writes beside its checkpoints.
+
+Each function takes the values it reads, not train.py's whole command line. Errors a user can act on end
+the run through `fail`: one `error:` line on stderr, exit status 1.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from torchvision.utils import save_image
+
+import clip_loader
+import data
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The command lines of the scripts: argparse types that check a value where its flag is defined, so that a
+# bad value is refused in one line naming the flag ("argument --batch-size: must be at least 1 (got 0)").
+
+
+def _number(text, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+
+
+def at_least(low):
+    """A flag's type: a number >= low, an integer if `low` is one."""
+    def parse(text):
+        value = _number(text, type(low))
+        if not value >= low:  # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {text})" if low else
+                                             f"must not be negative (got {text})")
+        return value
+    return parse
+
+
+def positive(text):
+    """A flag's type: a number > 0."""
+    value = _number(text, float)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive (got {text})")
+    return value
+
+
+def between(low, high, low_open=False, high_open=False):
+    """A flag's type: a number in [low, high]; an open end excludes its bound."""
+    def parse(text):
+        value = _number(text, float)
+        if not ((low < value) if low_open else (low <= value)) or not ((value < high) if high_open else (value <= high)):
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low}, {high}"
+                                             f"{')' if high_open else ']'} (got {text})")
+        return value
+    return parse
+
+
+def folder(text):
+    """A flag's type: a folder, or a path where one can be made (never an existing file)."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a file; name a folder")
+    return text
+
+
+def device_name(text):
+    """A flag's type: 'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return text
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default after its text, where there is one to show: a default of None (the
+    text says what leaving the flag out means) or False (a switch) is not repeated as "(default: None)"."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
+def fail(message):
+    """A run that can not proceed: one line on stderr, exit status 1 (2 is for a bad command line)."""
+    sys.exit(f"error: {message}")
+
+
+def millions(model):
+    return f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Processes and devices. Under torchrun every process runs all of train.py on its share of each batch, and
+# the processes meet in collective calls; rank 0 alone prints and writes files. One process is the same code
+# with a world size of 1, where every collective below returns at once.
+
+
+@dataclass
+class Process:
+    """This process: its rank among `world` processes and its device."""
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def master(self):
+        return self.rank == 0  # the one process that prints and writes files
+
+    def autocast(self):
+        """bf16 autocast on CUDA (matmuls and convolutions in bf16, reductions in fp32); plain fp32 on a CPU."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+
+def setup_distributed(device_arg):
+    """--device ('auto', 'cpu', 'cuda', 'cuda:N') -> Process. NCCL between GPUs, gloo between CPU processes."""
+    if device_arg.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {device_arg} but no CUDA device is available; use --device cpu")
+    use_cuda = torch.cuda.is_available() and device_arg != "cpu"
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    index = int(device_arg.split(":")[1]) if ":" in device_arg else int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{index}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        # TF32 matmuls and convolutions: fp32 math at about twice the speed on Ampere and later, with a
+        # bf16-like mantissa.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Process(rank, world, device)
+
+
+def wrap_model(model, compile_model, proc):
+    """Optionally compile, then wrap in DDP. The caller keeps the plain module for saving."""
+    if compile_model:
+        model = torch.compile(model)
+    if proc.world > 1:
+        model = DDP(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
+    return model
+
+
+def sync_gradients(model, last_micro_step):
+    """DDP averages gradients over processes in every backward; with gradient accumulation only the last
+    micro-step's backward needs to, so the others run under no_sync (entered before their forward)."""
+    return model.no_sync() if isinstance(model, DDP) and not last_micro_step else nullcontext()
+
+
+def end_distributed():
+    """Leave the process group, if there is one (on every exit path, so that a test can run main again)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    """Wait for every process (a no-op in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, proc):
+    """Rank 0's `obj` on every process (pickled; for set-up data, not tensors)."""
+    if proc.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj, proc):
+    """[obj of rank 0, obj of rank 1, ...] on every process."""
+    if proc.world == 1:
+        return [obj]
+    out = [None] * proc.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_over_ranks(values, device):
+    """Average a dict of floats or scalar tensors over all processes. Reading the result waits for the GPU,
+    so the loops call this on logging steps only."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values.values()])
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return dict(zip(values, t.tolist()))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The data scan. Checking every image header takes minutes at a million files, so each source (a file or a
+# tar shard) is checked once, the checks are split over the processes, and the result is remembered in
+# OUT/manifest.json by each source's size and modification time: a later or resumed run re-checks only
+# what changed.
+
+
+def scan_data(spec, out, proc):
+    """--data `spec` -> (ImageRefs, a fingerprint of its sources). Rank 0 lists the sources with their sizes
+    and times; those the manifest in `out` does not already describe are checked, split over all processes;
+    rank 0 writes the updated manifest. Unreadable images are named in one warning and left out."""
+    manifest_path = os.path.join(out, "manifest.json")
+    listing = None
+    if proc.master:
+        try:
+            listing = data.stat_sources(data.find_sources(spec))
+        except ValueError as e:
+            listing = str(e)
+    listing = broadcast_object(listing, proc)
+    if isinstance(listing, str):
+        fail(listing)
+    known = data.read_manifest(manifest_path)
+    todo = [s for s in listing if s[0] not in known or known[s[0]]["source"] != s]
+    mine = [data.scan_source(s) for s in todo[proc.rank::proc.world]]
+    scanned = {e["source"][0]: e for part in gather_objects(mine, proc) for e in part}
+    entries = [scanned[s[0]] if s[0] in scanned else known[s[0]] for s in listing]
+    if proc.master and (todo or len(known) != len(listing)):
+        os.makedirs(out, exist_ok=True)
+        data.write_manifest(manifest_path, entries)
+    try:
+        images, bad = data.images_of(entries)
+    except ValueError as e:
+        fail(f"--data {spec!r}: {e}")
+    if bad and proc.master:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        print(f"warning: skipping {len(bad)} unreadable image file(s): {shown}", file=sys.stderr)
+    return images, hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Stage 2's cache (its files: data.py): every image's VQGAN tokens and CLIP embedding, encoded once, split
+# over the processes, and then memory-mapped by all of them, so that the prior's steps never touch an image
+# file. Its key names everything the cache depends on; its build runs the frozen models.
+
+CACHE_BATCH = 32  # images per encoder batch (x2 with the mirror images); fixed, so the cache's bytes are too
+
+
+def cache_key(fingerprint, vqgan_sha256, clip_name, image_size):
+    """A digest of everything the cached tokens and embeddings depend on: the images (scan_data's
+    fingerprint of the sources' paths, sizes and times), the VQGAN weights (their file's SHA-256), the CLIP,
+    the image size and the chunking. Any change gives a new key and a new cache."""
+    clip_id = clip_name if clip_name in clip_loader.MODELS else clip_loader.sha256_of(clip_name)
+    blob = json.dumps([fingerprint, vqgan_sha256, clip_id, image_size, data.CACHE_CHUNKS, data.CACHE_CHUNK_MAX])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@torch.no_grad()
+def build_cache(images, vq, clip_model, folder, proc, stop, workers=0):
+    """Encode this process's missing chunks of the cache in `folder` (data.cache_chunks): per image i, rows
+    2i (a center crop) and 2i + 1 (its mirror image) of VQGAN token ids and CLIP image embeddings. DataLoader
+    workers decode the images in parallel. A signal (`stop`) ends the build between batches; finished chunks
+    stay, the one in progress is dropped, and the next run encodes only the rest."""
+    os.makedirs(folder, exist_ok=True)
+    dataset = data.ImageFolder(images, vq.cfg.image_size)
+    token_dtype = np.uint16 if vq.cfg.codebook_size <= 1 << 16 else np.int32
+    chunks = data.cache_chunks(len(images))
+    mine = [c for c in range(proc.rank, len(chunks), proc.world)
+            if not os.path.exists(data.cache_file(folder, "tokens", c))]
+    # Encoder batches never straddle chunks, so each chunk is encoded the same way whoever encodes it.
+    batches = [(c, list(chunks[c][i:i + CACHE_BATCH])) for c in mine for i in range(0, len(chunks[c]), CACHE_BATCH)]
+    loader = DataLoader(dataset, batch_sampler=[b for _, b in batches], num_workers=workers)
+    tokens, embeddings = [], []
+    for (chunk, batch), x in zip(batches, loader):
+        if stop.signal is not None:
+            print(f"stopped by signal {stop.signal} while encoding images for stage 2; finished cache chunks are "
+                  f"kept in {folder}, and the next run encodes only the rest")
+            sys.exit(128 + stop.signal)
+        x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1).to(proc.device)  # (b, 3, S, S) -> (2b, ...), interleaved
+        tokens.append(vq.encode(x).flatten(1).cpu().numpy().astype(token_dtype))  # (2b, h*w)
+        clip_in = clip_loader.preprocess_tensor(x, clip_model.arch.image_resolution)
+        embeddings.append(clip_model.encode_image(clip_in).float().cpu().numpy().astype(np.float16))  # (2b, clip_dim)
+        if batch[-1] == chunks[chunk][-1]:  # the chunk is complete
+            data.save_npy(np.concatenate(embeddings), data.cache_file(folder, "embeddings", chunk))
+            data.save_npy(np.concatenate(tokens), data.cache_file(folder, "tokens", chunk))  # last: marks it done
+            tokens, embeddings = [], []
+
+
+def cached_tokens_and_embeddings(images, fingerprint, vq, vqgan_sha256, clip_model, clip_name, out, workers, stop,
+                                 proc):
+    """The cache of these images in OUT/prior_cache_KEY, built where chunks are missing -> (tokens,
+    embeddings) ChunkedArrays of 2 rows per image."""
+    key = cache_key(fingerprint, vqgan_sha256, clip_name, vq.cfg.image_size)
+    folder = os.path.join(out, "prior_cache_" + key[:16])
+    n_chunks = len(data.cache_chunks(len(images)))
+    missing = sum(not os.path.exists(data.cache_file(folder, "tokens", c)) for c in range(n_chunks))
+    if proc.master and missing:
+        print(f"encoding {len(images)} images (and their mirror images) with the VQGAN and CLIP in {proc.world} "
+              f"process(es): {missing} of {n_chunks} cache chunks to write in {folder}")
+    elif proc.master:
+        print(f"using cached tokens and embeddings in {folder}")
+    build_cache(images, vq, clip_model, folder, proc, stop, workers)
+    barrier()  # each process waits only for the others' share of the chunks
+    return data.open_cache(folder, len(images))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, the last K kept, everything needed to continue exactly.
+
+
+def save_rotating(obj, out, kind, step, keep, proc):
+    """Write OUT/checkpoints/KIND_STEP.pt (rank 0), point OUT/KIND.pt (what sample.py loads) at it with an
+    atomic hard link, and delete all but the newest `keep` step files. Returns OUT/KIND.pt."""
+    latest = os.path.join(out, f"{kind}.pt")
+    if not proc.master:
+        return latest
+    folder = os.path.join(out, "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{kind}_{step:07d}.pt")
+    data.save_checkpoint(obj, path)
+    tmp = os.path.join(out, f".{kind}.pt.link")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(path, tmp)
+    except OSError:  # file systems without hard links: a second copy
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, latest)
+    for old in sorted(f for f in os.listdir(folder) if f.startswith(kind + "_"))[:-keep]:
+        os.remove(os.path.join(folder, old))
+    return latest
+
+
+def latest_checkpoint(out, kind, proc):
+    """The newest readable checkpoint of `kind` in `out` and its path, else (None, None). A truncated or
+    corrupt newest file (a crash, a full disk) falls back to the previous one, with a warning."""
+    folder = os.path.join(out, "checkpoints")
+    history = sorted((f for f in os.listdir(folder) if f.startswith(kind + "_")), reverse=True) \
+        if os.path.isdir(folder) else []
+    candidates = [p for p in [os.path.join(out, f"{kind}.pt")] + [os.path.join(folder, f) for f in history]
+                  if os.path.exists(p)]
+    for path in candidates:
+        try:
+            return data.load_checkpoint(path, kind), path
+        except ValueError as e:
+            if proc.master:
+                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr)
+    if candidates:  # training from step 0 would overwrite them: leave them for the user to inspect
+        fail(f"--resume: none of the {len(candidates)} {kind} checkpoint(s) in {out} could be read; move "
+             f"them away to train {kind} from scratch")
+    if proc.master:
+        print(f"--resume: no {kind} checkpoint in {out} yet; training {kind} from step 0")
+    return None, None
+
+
+def checkpoint(kind, cfg, step, batch, args, proc, **state):
+    """A self-describing checkpoint: what was trained (kind, the model's config dataclass, the arguments), how
+    far (the step; the global batch, which decides the data order; every process's random state, with the
+    values in state["rng_extra"]) and `state` itself (weights, optimizers, ...)."""
+    rng = gather_process_states(proc, **state.pop("rng_extra", {}))
+    return {"kind": kind, "config": asdict(cfg), **state, "step": step, "global_batch": batch, "rng": rng,
+            "args": vars(args)}
+
+
+# Config fields that a flag other than --preset decides.
+FLAG_OF_FIELD = {"image_size": "--image-size", "adaln": "--adaln", "clip_dim": "--clip", "remove_mean": "--remove-mean"}
+
+
+def refuse_changed_run(ckpt, ckpt_path, config, prior_type, preset, seed, global_batch):
+    """Exit, naming the flag, if resuming with these values would build another model than the checkpoint's
+    (`config`, the model config the flags give, as a dict) or feed the data in another order (the seed, the
+    global batch); anything else may change on resume."""
+    saved = ckpt["args"]
+    saved_prior = saved.get("prior", "ar")  # runs from before --prior existed trained the GPT
+    if saved_prior != prior_type:
+        fail(f"--prior {prior_type} but {ckpt_path} holds a --prior {saved_prior} run; resume with "
+             f"--prior {saved_prior}, or train the other prior into another --out")
+    if saved["preset"] != preset:
+        fail(f"--preset {preset} but {ckpt_path} was trained with --preset {saved['preset']}; resume with "
+             f"the same preset, or start a new run in another --out")
+    for field, value in ckpt["config"].items():
+        if json.dumps(value) != json.dumps(config[field]):  # tuples come back as tuples or lists
+            flag = FLAG_OF_FIELD.get(field, "--preset")
+            fail(f"{flag} gives {field} = {config[field]} but {ckpt_path} was trained with {value}; resume with "
+                 f"the flags it was trained with, or start a new run in another --out")
+    if saved["seed"] != seed:
+        fail(f"--seed {seed} but {ckpt_path} was trained with --seed {saved['seed']}, which decides the "
+             f"data order; resume with --seed {saved['seed']}")
+    if ckpt["global_batch"] != global_batch:
+        fail(f"--batch-size x --grad-accum x processes = {global_batch}, but {ckpt_path} was trained with a "
+             f"global batch of {ckpt['global_batch']}, which decides the data order; keep that product")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Random states. The data and the draws of a step are functions of the step (data.batch_indices), so what a
+# resume needs besides the step is each process's torch generator (dropout, the VQGAN's dead-code restarts).
+
+
+def gather_process_states(proc, **extra):
+    """Every process's torch (and CUDA) random state plus `extra` values, gathered so rank 0 can save them."""
+    state = {"torch": torch.get_rng_state(), **extra}
+    if proc.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(proc.device)
+    if not dist.is_initialized():
+        return [state]
+    states = [None] * proc.world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_process_state(states, proc):
+    """Restore this process's random state from a checkpoint; returns its saved dict (with any extras)."""
+    if len(states) != proc.world:
+        print("warning: the checkpoint was written with another number of processes; random streams restart",
+              file=sys.stderr)
+        return {}
+    torch.set_rng_state(states[proc.rank]["torch"])
+    if proc.device.type == "cuda" and "cuda" in states[proc.rank]:
+        torch.cuda.set_rng_state(states[proc.rank]["cuda"], proc.device)
+    return states[proc.rank]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The loop's companions: signals, non-finite losses, progress lines and sample grids.
+
+
+class GracefulStop:
+    """SIGTERM (a scheduler pre-empting the job) or Ctrl-C sets a flag; the loop finishes its step, saves
+    a checkpoint and exits. Under DDP all ranks must agree on the step at which they stop, so the flag is
+    OR-reduced over ranks every `every` steps (a device round trip we do not want on every step)."""
+
+    def __init__(self, every=10):
+        self.signal, self.every = None, every
+        for s in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signum
+
+    def requested(self, step, device):
+        if not dist.is_initialized():
+            return self.signal is not None
+        if step % self.every:
+            return False
+        flag = torch.tensor(float(self.signal is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signal is None:
+            self.signal = signal.SIGTERM
+        return bool(flag.item())
+
+    def exit(self, step, proc):
+        if proc.master:
+            print(f"stopped by signal {self.signal} after step {step}; checkpoint saved, continue with --resume")
+        sys.exit(128 + self.signal)
+
+
+class NonFiniteGuard:
+    """Remembers, on the device and without waiting for it, the first step whose loss was NaN or inf;
+    `check` (called before logging and saving) stops the run naming that step, so no checkpoint is ever
+    written from a diverged model."""
+
+    NONE = 1 << 62  # "no bad step": larger than any step, so a MIN over ranks finds the first bad one
+
+    def __init__(self, device, last_good=None):
+        self.first_bad = torch.full((), self.NONE, dtype=torch.long, device=device)
+        self.last_good = last_good  # path of the newest checkpoint written from finite losses
+
+    def update(self, loss, step):
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad == self.NONE)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self):
+        first_bad = self.first_bad.clone()
+        if dist.is_initialized():
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+        if first_bad.item() != self.NONE:
+            fail(f"the loss became NaN/inf at step {first_bad.item()}; stopping without saving. The last good "
+                 f"checkpoint is {self.last_good or 'none (no checkpoint yet)'}: resume from it with --resume "
+                 f"and a lower learning rate.")
+
+
+class Meter:
+    """Throughput since the last call and the time left, for progress lines."""
+
+    def __init__(self, start):
+        self.t0 = self.last = time.time()
+        self.start = self.last_step = start
+
+    def rate(self, step, units_per_step):
+        now = time.time()
+        rate = (step - self.last_step) * units_per_step / max(now - self.last, 1e-9)
+        self.last, self.last_step = now, step
+        return rate
+
+    def eta(self, step, total):
+        seconds = (time.time() - self.t0) / max(step - self.start, 1) * (total - step)
+        return time.strftime("%H:%M:%S", time.gmtime(seconds))
+
+
+def save_grid(top, bottom, path):
+    """Two rows of images in [-1, 1], (n, 3, H, W) each, as one PNG."""
+    save_image(torch.cat([top, bottom]) * 0.5 + 0.5, path, nrow=len(top))
+
+
+@torch.no_grad()
+def save_vqgan_grid(model, preview, path, device):
+    """Stage 1's visual log: training images (center crops) over their reconstructions."""
+    model.eval()  # in train mode the quantizer would count the preview as codebook use
+    recon = model(preview.to(device))[0].float().clamp(-1, 1).cpu()
+    model.train()
+    save_grid(preview, recon, path)
+
+
+@torch.no_grad()
+def save_prior_grid(model, vq, preview, preview_emb, path, seed, proc):
+    """Stage 2's visual log: held-out images over the prior's samples from their CLIP image
+    embeddings (the seed fixed, so that grids of successive checkpoints compare)."""
+    model.eval()
+    with proc.autocast():
+        samples = model.sample(preview_emb.to(proc.device), temperature=1.0, top_k=100,
+                               generator=torch.Generator(proc.device).manual_seed(seed))
+        side = math.isqrt(model.cfg.n_tokens)
+        images = vq.decode(samples.view(-1, side, side)).float().clamp(-1, 1).cpu()
+    model.train()
+    save_grid(preview, images, path)
