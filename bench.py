@@ -230,19 +230,24 @@ def peer_rows(device, iters):
     return rows
 
 
-def main():
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=runtime.HelpFormatter)
     p.add_argument("--size", choices=list(PRESETS), help="model size, a preset (default: paper on CUDA, tiny on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--vqgan-batch", type=int, default=None, help="images per VQGAN step (default: 8 paper, 4 tiny)")
-    p.add_argument("--prior-batch", type=int, default=None, help="sequences per prior step (default: 32 paper, 8 tiny)")
-    p.add_argument("--sample-batch", type=int, default=8, help="sequences sampled at once")
-    p.add_argument("--iters", type=int, default=10, help="timed iterations of each training step")
+    p.add_argument("--vqgan-batch", type=runtime.at_least(1), help="images per VQGAN step (default: 8 paper, 4 others)")
+    p.add_argument("--prior-batch", type=runtime.at_least(1),
+                   help="sequences per prior step (default: 32 paper, 8 others)")
+    p.add_argument("--sample-batch", type=runtime.at_least(1), default=8, help="sequences sampled at once")
+    p.add_argument("--iters", type=runtime.at_least(1), default=10, help="timed iterations of each training step")
     p.add_argument("--compile", action="store_true", help="torch.compile the models")
     p.add_argument("--peers", action="store_true",
                    help="time the peers' shapes (taming's f16 VQGAN, a GPT-2-small prior) instead of --size")
     p.add_argument("--json", help="also write the results to this file")
-    args = p.parse_args()
+    return p
+
+
+def main():
+    args = build_parser().parse_args()
     device = torch.device(args.device)
     size = args.size or ("paper" if device.type == "cuda" else "tiny")
     if device.type == "cuda":

@@ -565,7 +565,7 @@ class Tokenizer:
         self.byte_encoder = byte_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self.sot_id, self.eot_id = self.encoder[SOT], self.encoder[EOT]
-        # Words repeat a lot in captions; caching each word's BPE result makes tokenising ~10x faster.
+        # Words repeat a lot in captions; caching each word's BPE result spares merging it again.
         self.cache = {SOT: [SOT], EOT: [EOT]}
 
     def bpe(self, word):

@@ -200,7 +200,7 @@ class Prior(nn.Module):
         clipgen.load_prior stores those matrices that way on a CPU: the same values, which F.linear, the
         optimizers and state_dict accept in either layout. Done once, at load, since the transposing copy
         costs as much as sampling a few tokens. In place; returns the model."""
-        if self.head.weight.device.type != "cpu":  # measured on CPUs only
+        if self.head.weight.device.type != "cpu":  # a GPU's kernels choose their own layouts
             return self
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.out_features >= m.in_features:

@@ -73,7 +73,9 @@ def between(low, high, low_open=False, high_open=False):
     """A flag's type: a number in [low, high]; an open end excludes its bound."""
     def parse(text):
         value = _number(text, float)
-        if not ((low < value) if low_open else (low <= value)) or not ((value < high) if high_open else (value <= high)):
+        above = low < value if low_open else low <= value
+        below = value < high if high_open else value <= high
+        if not (above and below):
             raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low}, {high}"
                                              f"{')' if high_open else ']'} (got {text})")
         return value

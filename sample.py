@@ -32,20 +32,9 @@ from clipgen import CLIPGen
 
 
 def existing_file(text):
+    """A flag's type: a path to an existing file, checked before any model is loaded."""
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"no such file {text!r}")
-    return text
-
-
-def out_folder(text):
-    if os.path.exists(text) and not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is a file; name a folder for the images")
-    return text
-
-
-def device_name(text):
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise argparse.ArgumentTypeError(f"{text!r}: use 'cpu', 'cuda' or 'cuda:N'")
     return text
 
 
@@ -57,22 +46,29 @@ def build_parser():
                    help="a text file with one prompt per line")
     p.add_argument("--image", type=existing_file, help="make variations of this image instead of following a prompt")
     p.add_argument("--run", default="out", help="run folder with vqgan.pt and prior.pt (train.py's --out)")
-    p.add_argument("--out", default="samples", type=out_folder, help="folder for the images")
+    p.add_argument("--out", default="samples", type=runtime.folder, help="folder for the images")
+    # Reranking is half of the method: the prior proposes, CLIP keeps the candidates closest to the prompt, so
+    # more candidates give better odds that the kept ones are right, at a cost linear in --n.
     p.add_argument("--n", type=runtime.at_least(1), default=16, help="candidates sampled per prompt")
     p.add_argument("--keep", type=runtime.at_least(1), default=4,
                    help="candidates kept per prompt, by CLIP score (at most --n)")
+    # Each prompt has its own generator, seeded with --seed, so its images do not depend on the other prompts.
     p.add_argument("--seed", type=int, default=0,
                    help="random seed; the same seed, prompt, --n and --batch-size give the same images")
     p.add_argument("--temperature", type=runtime.at_least(0.0), default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=runtime.at_least(1), help="sample among the k likeliest tokens only")
     p.add_argument("--top-p", type=runtime.between(0, 1, low_open=True), help="nucleus sampling threshold")
+    # Guidance pushes each prediction away from the null condition's, which the prior learned with --cond-drop.
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--diffusion-steps", type=runtime.at_least(1),
                    help="reverse steps of a diffusion prior (train.py --prior diffusion): fewer are faster "
                         "(default: all it was trained with)")
+    # A batch draws its random numbers together, so the batch size is part of what fixes the images.
     p.add_argument("--batch-size", type=runtime.at_least(1), default=32, help="sequences sampled at once")
+    # Another CLIP of the same width embeds prompts in another space: allowed, but rarely what you want.
     p.add_argument("--clip", help="CLIP name or path (default: the one the prior was trained with)")
-    p.add_argument("--device", type=device_name, help="'cpu' or 'cuda' (default: CUDA if available)")
+    p.add_argument("--device", default="auto", type=runtime.device_name,
+                   help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--eval-real", metavar="DIR", help="also print CLIP score and Frechet distance to these images")
     return p
 
@@ -127,7 +123,8 @@ def load_run(args):
         sys.exit(f"error: no trained run in {args.run!r} (it needs vqgan.pt and prior.pt). Train one with\n"
                  f"  python train.py --data path/to/images --out {args.run}\nor point --run at one.")
     try:
-        gen = CLIPGen.from_checkpoint(args.run, clip=args.clip, device=args.device)
+        device = None if args.device == "auto" else args.device  # None: CLIPGen picks CUDA if there is one
+        gen = CLIPGen.from_checkpoint(args.run, clip=args.clip, device=device)
     except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: could not load the run in {args.run!r}: {e}")
     try:
@@ -153,10 +150,11 @@ def main(argv=None):
         print(f"\rsampling {done}/{total} sequences ({time.time() - t0:.0f}s)", end="\n" if done == total else "",
               file=sys.stderr, flush=True)
 
+    # The same sampling arguments serve prompts and variations; only the condition differs.
     sampling = dict(n=args.n, keep=args.keep, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, progress=progress,
                     diffusion_steps=args.diffusion_steps)
-    if args.image:
+    if args.image:  # read as training reads images (upright, transparency on white), then CLIP's preprocessing
         try:
             image = data.open_rgb(args.image)
         except (OSError, UnidentifiedImageError) as e:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickletools
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import time
 import warnings
 import zipfile
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -635,12 +637,12 @@ def test_tiny_vqgan_overfits_a_few_images():
     model, disc, opt_g, _ = _stage1_parts()
     images = synthetic_images(4)
     psnrs = []
-    for step in range(100):
+    for step in range(60):
         _, logs = train.generator_step(model, model, disc, None, opt_g, [images], False, nullcontext())
         psnrs.append(logs["psnr"].item())
-    # Calibrated: on this seed PSNR goes from 10.4 dB to 21.2 dB in 100 steps; asserting +8 dB leaves margin
-    # for platform differences while failing any regression to slow or no learning.
-    assert psnrs[-1] > psnrs[0] + 8, (psnrs[0], psnrs[-1])
+    # Calibrated: on this seed PSNR goes from 10.4 dB to 20.3 dB in 60 steps (21.9 in 100); asserting +7 dB
+    # leaves margin for platform differences while failing any regression to slow or no learning.
+    assert psnrs[-1] > psnrs[0] + 7, (psnrs[0], psnrs[-1])
 
 
 def test_perceptual_loss_distance_and_offline_message(monkeypatch):
@@ -1214,7 +1216,7 @@ def test_sample_script_is_deterministic(trained_run, tmp_path):
     assert read(tmp_path / "a", files[2]) != read(tmp_path / "c", "a_red_square_seed1_grid.png")
 
 
-def test_sample_script_bad_input(trained_run, tmp_path, capsys):
+def test_sample_script_bad_input(trained_run, tmp_path, capsys, monkeypatch):
     """In-process (sample.main), each as the shell would see it: the exit status and one stderr line."""
     run = ["--run", str(trained_run / "out"), "--n", "2", "--keep", "1", "--out", str(tmp_path / "s")]
 
@@ -1238,7 +1240,14 @@ def test_sample_script_bad_input(trained_run, tmp_path, capsys):
     code, err = exits("a dog", "--run", str(broken))
     assert code == 1 and "not a readable checkpoint" in err
     code, err = exits("a dog", "--diffusion-steps", "4", *run)
-    assert code == 1 and "is the GPT" in err
+    assert code == 1 and err.startswith("error: --diffusion-steps 4:") and "is the GPT" in err
+    # Any other refusal from the generator is reported as itself, not blamed on a flag that was not given.
+    def refuse(*args, **kwargs):
+        raise ValueError("the prompt is not something this run can draw")
+    monkeypatch.setattr(clipgen.CLIPGen, "generate", refuse)
+    code, err = exits("a dog", *run)
+    assert code == 1 and err == "error: the prompt is not something this run can draw"
+    monkeypatch.undo()
     # Through the shell once: an over-long prompt is truncated with a one-line warning, not refused.
     r = run_script("sample.py", "a dog " * 60, *run)
     assert r.returncode == 0 and "truncated" in r.stderr and "Traceback" not in r.stderr, r.stderr
@@ -1295,15 +1304,20 @@ def loss_lines(stdout):
             for line in stdout.splitlines() if line.startswith("step")]
 
 
-def assert_same_vqgan(path_a, path_b):
+def assert_same_vqgan(path_a, path_b, share=0.999):
     """Same function: equal reconstructions. Weights: equal except conv biases that feed a GroupNorm, whose
-    gradient is rounding noise (the norm removes them) that Adam scales up to +-lr; they change nothing."""
+    gradient is rounding noise (the norm removes them) that Adam scales up to +-lr; they change nothing.
+    share < 0.999: runs whose sums ran in another order (2 processes against 1), where a latent at a near-tie
+    of the codebook lookup may pick the other code in one of them; Adam then turns the changed gradient into
+    an lr-sized step of every weight it reaches. So only `share` of the weights are compared, and not the
+    reconstructions (the flip can recur on the test images)."""
     a, b = vqgan.load_vqgan(path_a)[0], vqgan.load_vqgan(path_b)[0]
-    images = synthetic_images(3, seed=5)
-    with torch.no_grad():
-        assert torch.allclose(a(images)[0], b(images)[0], atol=1e-4)
+    if share >= 0.999:
+        images = synthetic_images(3, seed=5)
+        with torch.no_grad():
+            assert torch.allclose(a(images)[0], b(images)[0], atol=1e-4)
     pa, pb = torch.cat([p.flatten() for p in a.parameters()]), torch.cat([p.flatten() for p in b.parameters()])
-    assert ((pa - pb).abs() < 1e-5).float().mean() > 0.999
+    assert ((pa - pb).abs() < 1e-5).float().mean() > share
 
 
 def assert_same_prior(path_a, path_b, atol=1e-5):
@@ -1326,12 +1340,15 @@ def test_two_processes_equal_one(scale_setup):
                          text=True, timeout=600)
     assert two.returncode == 0, two.stderr
     assert "x2" in two.stdout and "global batch 8 (4 x 1 accumulation x 2 processes)" in two.stdout
-    # Losses are means over the global batch, averaged over ranks: the same numbers (psnr/ppl are nonlinear).
-    strip = lambda lines: [line.split("| psnr")[0] for line in lines]
+    # Losses are means over the global batch, averaged over ranks: the same numbers (psnr/ppl are nonlinear), up
+    # to the last printed digit (the sums run in another order, and a value near a rounding edge may tip).
+    numbers = lambda lines: [[float(x) for x in re.findall(r"[-+]?\d+\.\d+", line.split("| psnr")[0])] for line in lines]
     stage1, stage2 = (lambda r: [l for l in loss_lines(r.stdout) if "psnr" in l]), \
         (lambda r: [l for l in loss_lines(r.stdout) if " vlb " in l])
-    assert strip(stage1(one)) == strip(stage1(two)) and len(stage1(one)) == 2
-    assert_same_vqgan(root / "one" / "vqgan.pt", root / "two" / "vqgan.pt")
+    assert len(stage1(one)) == 2 and np.allclose(numbers(stage1(one)), numbers(stage1(two)), rtol=0, atol=1.5e-4)
+    # (measured: 95.4% of the weights within 1e-5 where one code flipped, on an AMD EPYC; 99.9% elsewhere. A run
+    # on half of each batch, as a rank whose gradients were never averaged, keeps 4.5%.)
+    assert_same_vqgan(root / "one" / "vqgan.pt", root / "two" / "vqgan.pt", share=0.9)
     # Stage 2 from the same vqgan.pt (the two VQGANs differ by rounding, which can flip a token): the cache
     # that 2 processes encode (a chunk of each image, round-robin) is byte for byte 1's, and so is training.
     os.makedirs(root / "two_prior")
@@ -1461,6 +1478,42 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     fine = runtime.NonFiniteGuard(torch.device("cpu"))
     fine.update(torch.tensor(1.0), 1)
     fine.check()  # no exit
+
+
+@pytest.mark.parametrize("name", list(clipgen.PRESETS))
+def test_every_preset_builds_its_models_and_fills_the_recipe_flags(name, tmp_path):
+    """The one table of presets: each preset's VQGAN, discriminator and both priors build (on the meta device:
+    shapes only, so the paper's sizes cost nothing), the priors sized by the VQGAN's token grid; its recipe is
+    what train.py's flags mean when left out, and every script offers exactly these presets."""
+    preset = clipgen.PRESETS[name]
+    side, S = preset.vqgan.tokens_per_side, preset.vqgan.image_size
+    sizes = dict(vocab_size=preset.vqgan.codebook_size, n_tokens=side * side)
+    with torch.device("meta"):
+        vq, disc = vqgan.VQGAN(preset.vqgan), vqgan.PatchDiscriminator(preset.vqgan)
+        gpt, dif = prior.Prior(replace(preset.prior, **sizes)), diffusion.DiffusionPrior(replace(preset.diffusion, **sizes))
+        ids = vq.encode(torch.zeros(1, 3, S, S))
+        assert ids.shape == (1, side, side) and vq.decode(ids).shape == (1, 3, S, S)
+        assert disc(torch.zeros(1, 3, S, S)).shape[:2] == (1, 1)
+        tokens = torch.zeros(1, side * side, dtype=torch.long)
+        emb = torch.zeros(1, preset.prior.clip_dim)
+        assert gpt(emb, tokens[:, :-1]).shape == (1, side * side, preset.vqgan.codebook_size)
+        assert dif(emb, tokens, torch.ones(1, dtype=torch.long)).shape == (1, side * side, preset.vqgan.codebook_size)
+    args = train.parse_args(["--data", str(tmp_path), "--preset", name, "--out", str(tmp_path / "run")])
+    assert {f: getattr(args, f) for f in clipgen.RECIPE_FIELDS} == {f: getattr(preset, f) for f in clipgen.RECIPE_FIELDS}
+    overridden = train.parse_args(["--data", str(tmp_path), "--preset", name, "--prior-steps", "7"])
+    assert overridden.prior_steps == 7 and overridden.vqgan_steps == preset.vqgan_steps
+    choices = lambda parser, flag: next(a.choices for a in parser._actions if flag in a.option_strings)
+    assert choices(train.build_parser(), "--preset") == choices(bench.build_parser(), "--size") == list(clipgen.PRESETS)
+
+
+def test_help_states_each_default_once():
+    """--help shows a default after the text where there is one, never "(default: None)" or "(default: False)"
+    after a text that already says what leaving the flag out means."""
+    for parser in (train.build_parser(), sample.build_parser(), bench.build_parser()):
+        text = parser.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: 50)" in train.build_parser().format_help()  # --log-every
+    assert "(default: 0)" in sample.build_parser().format_help()  # --seed: a default of 0 is still shown
 
 
 def test_bench_flop_count_matches_the_model():
@@ -1642,6 +1695,18 @@ def test_scripts_refuse_bad_arguments(tmp_path, capsys):
     assert sample.unique_names(["a", "b", "a", "a_2", "a"]) == ["a", "b", "a_2", "a_2_2", "a_3"]
 
 
+def test_clip_loader_stands_alone(tmp_path):
+    """clip_loader.py replaces OpenAI's clip package on its own: copied into an empty folder with its vocabulary,
+    away from the rest of clipgen, it imports, tokenizes and builds a model."""
+    shutil.copy(os.path.join(REPO, "clip_loader.py"), tmp_path)
+    shutil.copy(clip_loader.BPE_PATH, tmp_path)
+    code = ("import sys, clip_loader; assert 'data' not in sys.modules; "
+            "print(clip_loader.tokenize(['a dog'])[0, :4].tolist())")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[49406, 320, 1929, 49407]", r.stderr
+
+
 def test_clip_loader_cli_errors_are_one_line(tmp_path):
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     r = run_script("clip_loader.py", str(tmp_path / "notes.txt"), "x.jpg", "a dog")  # unknown names: same path
@@ -1709,7 +1774,7 @@ def test_shipped_toy_clip_loads_like_openais_and_has_the_modality_gap():
 
 # The CI-sized recipe: the tiny preset at 32 px (8x8 tokens) on 800 images, the whole pipeline in ~2 minutes,
 # the VQGAN's 400 steps almost all of it. At this size only the tokenizer learns enough to floor (see the
-# README's toy-world section for the small recipe's table); the prompt accuracies are printed so a run's log
+# RESULTS.md, section 1, for the small recipe's table); the prompt accuracies are printed so a run's log
 # shows them (with 800 prior steps they were no better: seen 0.083, held out 0).
 TOY_FLOORS = {"reconstructions": 0.25}  # measured 0.359 and 0.59 (64 images); chance is 1/16
 TOY_RECIPE = ["--preset", "tiny", "--vqgan-steps", "400", "--prior-steps", "300", "--batch-size", "16",

@@ -43,7 +43,8 @@ from runtime import at_least, fail
 
 def recipe_help(text, name):
     """Help for a flag whose default comes from the preset's recipe (clipgen.PRESETS)."""
-    return f"{text} (default: the preset's; " + ", ".join(f"{p} {getattr(r, name)}" for p, r in PRESETS.items()) + ")"
+    values = ", ".join(f"{p} {getattr(r, name)}" for p, r in PRESETS.items())
+    return f"{text} (default: the preset's; {values})"
 
 
 def build_parser():
@@ -53,7 +54,7 @@ def build_parser():
     p.add_argument("--data", required=True,
                    help="images: a folder searched recursively for jpg/png/webp/bmp files and .tar shards "
                         "(WebDataset layout), one .tar, or a shard pattern such as 'shards/{00000..00099}.tar'")
-    p.add_argument("--out", default="out", type=runtime.folder, help="run folder for checkpoints, sample grids and caches")
+    p.add_argument("--out", default="out", type=runtime.folder, help="run folder: checkpoints, sample grids, caches")
     p.add_argument("--stage", default="all", choices=["vqgan", "prior", "all"],
                    help="'vqgan' = stage 1, 'prior' = stage 2 (needs OUT/vqgan.pt), 'all' = both in turn")
     p.add_argument("--preset", default="paper", choices=list(PRESETS),
@@ -113,7 +114,7 @@ def add_stage2_flags(g):
                                                                          "prior_lr"))
     g.add_argument("--warmup", type=at_least(1), help="linear warm-up steps, then cosine decay to 10%% (default: "
                                                       "1000, or a tenth of --prior-steps if that is less)")
-    g.add_argument("--weight-decay", type=at_least(0.0), default=0.01, help="AdamW weight decay of the prior's matrices")
+    g.add_argument("--weight-decay", type=at_least(0.0), default=0.01, help="AdamW weight decay of the matrices")
     g.add_argument("--grad-clip", type=at_least(0.0), default=1.0, help="max global gradient norm (0: off)")
     # CLIP-GEN gives no lambda we could confirm; 0.1 keeps the loss (1 - cosine) below the cross-entropy's scale.
     g.add_argument("--embed-loss-weight", type=at_least(0.0), help="lambda of CLIP-GEN's embedding-reconstruction "
@@ -353,7 +354,8 @@ def train_vqgan(args, images, proc):
                                       opt_d=opt_d.state_dict())
             guard.last_good = runtime.save_rotating(ckpt, args.out, "vqgan", step, args.keep_checkpoints, proc)
             if proc.master:
-                runtime.save_vqgan_grid(raw_model, preview, os.path.join(args.out, f"vqgan_{step:07d}.png"), proc.device)
+                grid = os.path.join(args.out, f"vqgan_{step:07d}.png")
+                runtime.save_vqgan_grid(raw_model, preview, grid, proc.device)
         if stopping:
             stop.exit(step, proc)
     if proc.master:
