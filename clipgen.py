@@ -172,7 +172,7 @@ class CLIPGen:
                              "is the GPT")
         self.prior.reverse_steps(steps)
 
-    def _rerank(self, images, targets, keep):
+    def rerank(self, images, targets, keep):
         """images (P, n, 3, H, W), targets (P, clip_dim) -> per condition, the `keep` images most similar
         to its target as [(PIL image, 100 * cosine)], best first."""
         results = []
@@ -191,7 +191,7 @@ class CLIPGen:
         text = self.embed_text(list(prompts))
         images = self.sample_images(text, n, temperature, top_k, top_p, guidance, seed, batch_size, progress,
                                     diffusion_steps)
-        return self._rerank(images, text, keep)
+        return self.rerank(images, text, keep)
 
     def variations(self, image, n=16, keep=4, temperature=1.0, top_k=None, top_p=None, guidance=1.0, seed=0,
                    batch_size=32, progress=None, diffusion_steps=None):
@@ -200,7 +200,7 @@ class CLIPGen:
         target = self.embed_pil([image])
         images = self.sample_images(target, n, temperature, top_k, top_p, guidance, seed, batch_size, progress,
                                     diffusion_steps)
-        return self._rerank(images, target, keep)[0]
+        return self.rerank(images, target, keep)[0]
 
     def interpolation_embeddings(self, prompt_a, prompt_b, steps):
         """(steps, clip_dim): spherical interpolation (slerp) between the two prompts' unit embeddings,
@@ -219,7 +219,7 @@ class CLIPGen:
         path = self.interpolation_embeddings(prompt_a, prompt_b, steps)
         images = self.sample_images(path, n, temperature, top_k, top_p, guidance, seed, batch_size, progress,
                                     diffusion_steps)
-        return [best[0] for best in self._rerank(images, F.normalize(path, dim=-1), 1)]
+        return [best[0] for best in self.rerank(images, F.normalize(path, dim=-1), 1)]
 
     # ----- evaluation
 

@@ -1732,6 +1732,19 @@ def test_toyworld_readout_reads_the_worlds_images_and_can_be_wrong():
     assert toyworld.read_attributes(red_t[0].transpose(1, 2))[0] != "T"  # a T on its side is no T
 
 
+def test_textures_readout_reads_the_worlds_images_and_can_be_wrong():
+    world = toyworld.TEXTURES_WORLD
+    images, labels = toyworld.fresh_images(4, seed="test", world=world)  # 80 images, every combination
+    assert all(world.read(x) == y for x, y in zip(images, labels))
+    assert world.read(torch.zeros(3, 64, 64)) == (None, None)  # a blank image reads as nothing
+    x, _ = toyworld.fresh_images(1, combinations=[("stripes", "red"), ("checks", "blue")], world=world)
+    assert world.read(x[0]) == ("stripes", "red") and world.read(x[1]) == ("checks", "blue")
+    assert world.read(x[0].flip(0)) == ("stripes", "blue")  # RGB -> BGR: red becomes blue
+    assert world.read(x[0].transpose(1, 2))[0] != "stripes"  # stripes on their side are another pattern
+    blurred = torch.nn.functional.avg_pool2d(x[1:2], 5, stride=1, padding=2, count_include_pad=False)[0]
+    assert world.read(blurred)[0] != "checks"  # checks smeared to their mean tone are no checks
+
+
 class ChannelSwap(torch.nn.Module):
     """A stand-in tokenizer for the reconstruction report: returns the image, optionally as BGR."""
     def __init__(self, swap):
@@ -1762,11 +1775,12 @@ def test_toyworld_command_line_refuses_bad_input(tmp_path, capsys):
     assert os.listdir(tmp_path / "full") == ["mine.png"]
 
 
-def test_shipped_toy_clip_loads_like_openais_and_has_the_modality_gap():
-    model, _ = clip_loader.load(toyworld.SHIPPED_CLIP)
+@pytest.mark.parametrize("world", list(toyworld.WORLDS.values()), ids=list(toyworld.WORLDS))
+def test_shipped_toy_clips_load_like_openais_and_have_the_modality_gap(world):
+    model, _ = clip_loader.load(world.clip_file)
     assert model.arch == toyworld.CLIP_ARCH
-    assert torch.load(toyworld.SHIPPED_CLIP, weights_only=True)["text_projection"].dtype == torch.float16
-    report = toyworld.clip_report(model)
+    assert torch.load(world.clip_file, weights_only=True)["text_projection"].dtype == torch.float16
+    report = toyworld.clip_report(model, world=world)
     assert report["zero_shot"] == 1.0 and 0.25 < report["matched_cosine"] < 0.35, report
 
 
