@@ -1819,6 +1819,23 @@ def test_toyworld_evaluate_scores_what_it_reads(toy_run, monkeypatch):
     assert r["letter"] == r["colour"] == 0.25 and r["clip_score"] == 30.0 and len(r["images"][0]) == 2
 
 
+def test_diagnose_scores_each_condition_and_the_best_k_apart(monkeypatch):
+    """Stub samples: under the image condition every sample is right, under the text condition only the one
+    CLIP ranks first (the rest are red A's): the rows must tell the conditions and all-n from best-k apart."""
+    world = toyworld.LETTERS_WORLD
+    red_a = toyworld.render("A", "red", "stub", size=32)
+
+    def stub(gen, world, n, seed, condition="text", **sampling):
+        return [[(world.render(v, c, ("stub", seed, i), 32), 30.0 - i) if condition == "image" or i == 0 else
+                 (red_a, 20.0) for i in range(n)] for v, c in world.combinations]
+    monkeypatch.setattr(toyworld, "sample_and_rank", stub)
+    rows = toyworld.diagnose(None, world, n=4, keep=1, seeds=2)
+    assert rows["image, all"]["seen"] == rows["image, best 1"]["held_out"] == 1.0
+    assert rows["text, best 1"]["seen"] == rows["text, best 1"]["held_out"] == 1.0
+    assert rows["text, all"]["held_out"] == 0.25 and rows["text, all"]["seen"] == pytest.approx((1 + 3 / 12) / 4)
+    assert rows["text, all"]["colour"] == pytest.approx((1 + 3 / 4) / 4)  # a quarter of the prompts ask for red
+
+
 # ===========================================================================================================
 # Regenerating the golden values: `python test_clipgen.py` recomputes GOLDEN_TOKENS and GOLDEN_EMBEDDINGS
 # with OpenAI's reference package (pip install --no-deps --target /tmp/ref openai-clip tqdm, then

@@ -29,6 +29,7 @@ embedding of fresh images of the combination; and the same readout on VQGAN reco
 import argparse
 import functools
 import itertools
+import json
 import math
 import os
 import sys
@@ -323,38 +324,65 @@ def add_modality_gap(model, matched_cosine=0.3, world=LETTERS_WORLD):
 # Evaluation of a trained clipgen run
 
 
+def scores(world, reads):
+    """{(value, colour): [what the readout read of each image asked for it]} -> {"seen", "held_out"}: the mean
+    over those combinations of the share read with both attributes right; the share of all images with the
+    asked value (world.attribute) and with the asked "colour"; and "per_combination" shares."""
+    per_combination = {combo: sum(r == combo for r in rs) / len(rs) for combo, rs in reads.items()}
+    pairs = [(r, combo) for combo, rs in reads.items() for r in rs]
+    share = lambda i: sum(r[i] == c[i] for r, c in pairs) / len(pairs)  # 0: the second attribute, 1: colour
+    mean = lambda cs: sum(per_combination[c] for c in cs) / len(cs)
+    return {"seen": mean(world.seen), "held_out": mean(world.held_out), world.attribute: share(0),
+            "colour": share(1), "per_combination": per_combination}
+
+
+def sample_and_rank(gen, world, n, seed, condition="text", **sampling):
+    """Every combination's n samples at one sampling seed, ranked by CLIP similarity to its prompt, as
+    [(PIL image, score)] lists. condition "text" conditions the prior on the prompt's CLIP text embedding,
+    as sample.py does; "image" on the CLIP image embedding of a fresh image of the combination (one per seed),
+    what the prior was trained on: the two tell the modality gap (image against text) from composition
+    (seen against held out under the image condition)."""
+    captions = [world.caption(v, c) for v, c in world.combinations]
+    if condition == "text":
+        return gen.generate(captions, n=n, keep=n, seed=seed, **sampling)
+    x, _ = fresh_images(1, seed=("condition", seed), size=gen.vqgan.cfg.image_size, world=world)
+    images = gen.sample_images(gen.embed_images(x), n, seed=seed, **sampling)  # (P, n, 3, H, W)
+    return gen.rerank(images, gen.embed_text(captions), n)
+
+
 def evaluate(gen, n=8, keep=2, seeds=1, world=LETTERS_WORLD, condition="text", **sampling):
     """Prompt every combination with sampling seeds 0..seeds-1 and read the `keep` samples CLIP ranks highest
-    for the prompt of n. condition "text" conditions the prior on the prompt's CLIP text embedding, as
-    sample.py does; "image" on the CLIP image embedding of a fresh image of the combination (one per seed),
-    what the prior was trained on, which tells composition (seen against held out) from the modality gap
-    (image against text). -> {"seen", "held_out"} shares of kept samples with both attributes right, the
-    per-combination accuracies, the shares of all kept samples with the asked attribute (world.attribute)
-    and the asked "colour", the kept images (a list per combination, all seeds'), their mean CLIP score, the
-    CLIP-feature Frechet distance between them and as many fresh images of the world, and the sampling time
-    per candidate."""
-    combos, captions = world.combinations, [world.caption(v, c) for v, c in world.combinations]
-    kept, t0 = {combo: [] for combo in combos}, time.time()
+    of n (see sample_and_rank for `condition`). -> scores() of the kept samples, the kept images (a list per
+    combination, all seeds'), their mean CLIP score, the CLIP-feature Frechet distance between them and as
+    many fresh images of the world, and the sampling time per candidate."""
+    kept, t0 = {combo: [] for combo in world.combinations}, time.time()
     for seed in range(seeds):
-        if condition == "image":  # sampled from images' embeddings, ranked by the prompts' as sample.py ranks
-            x, _ = fresh_images(1, seed=("condition", seed), size=gen.vqgan.cfg.image_size, world=world)
-            images = gen.sample_images(gen.embed_images(x), n, seed=seed, **sampling)  # (P, n, 3, H, W)
-            results = gen.rerank(images, gen.embed_text(captions), keep)
-        else:
-            results = gen.generate(captions, n=n, keep=keep, seed=seed, **sampling)
-        for combo, ranked in zip(combos, results):
-            kept[combo] += ranked
-    seconds = (time.time() - t0) / (seeds * n * len(combos))
+        for combo, ranked in zip(world.combinations, sample_and_rank(gen, world, n, seed, condition, **sampling)):
+            kept[combo] += ranked[:keep]
+    seconds = (time.time() - t0) / (seeds * n * len(kept))
     real, _ = fresh_images(keep * seeds, seed="frechet", size=gen.vqgan.cfg.image_size, world=world)
     metrics = gen.score_results(list(kept.values()), gen.embed_images(real))
-    kept = {combo: [im for im, _ in ranked] for combo, ranked in kept.items()}
-    read = [(world.read(im), combo) for combo, ims in kept.items() for im in ims]
-    per_combination = {combo: sum(r == c == combo for r, c in read) / len(ims) for combo, ims in kept.items()}
-    mean = lambda cs: sum(per_combination[c] for c in cs) / len(cs)
-    share = lambda i: sum(r[i] == c[i] for r, c in read) / len(read)  # 0: the second attribute, 1: colour
-    return {"seen": mean(world.seen), "held_out": mean(world.held_out), "per_combination": per_combination,
-            world.attribute: share(0), "colour": share(1), "images": list(kept.values()),
-            "clip_score": metrics["clip_score"], "frechet": metrics["frechet_distance"], "seconds_per_sample": seconds}
+    images = {combo: [im for im, _ in ranked] for combo, ranked in kept.items()}
+    return {**scores(world, {combo: [world.read(im) for im in ims] for combo, ims in images.items()}),
+            "images": list(images.values()), "clip_score": metrics["clip_score"],
+            "frechet": metrics["frechet_distance"], "seconds_per_sample": seconds}
+
+
+def diagnose(gen, world, n=16, keep=8, seeds=1, **sampling):
+    """Where a prompt is lost (issue 22's diagnosis): the prior conditioned on fresh images' CLIP embeddings
+    and on the prompts' text embeddings, each scored on all n samples (the prior alone) and on the best
+    `keep` CLIP keeps of them (as sample.py serves). -> {"image, all": scores(), "image, best K": ...,
+    "text, all": ..., "text, best K": ...}, per_combination left out."""
+    rows = {}
+    for condition in ("image", "text"):
+        reads = {combo: [] for combo in world.combinations}  # per seed, the ranked samples' reads
+        for seed in range(seeds):
+            for combo, ranked in zip(world.combinations, sample_and_rank(gen, world, n, seed, condition, **sampling)):
+                reads[combo].append([world.read(im) for im, _ in ranked])
+        for label, k in (("all", n), (f"best {keep}", keep)):
+            result = scores(world, {combo: [r for rs in seed_reads for r in rs[:k]] for combo, seed_reads in reads.items()})
+            rows[f"{condition}, {label}"] = {key: v for key, v in result.items() if key != "per_combination"}
+    return rows
 
 
 @torch.no_grad()
@@ -401,11 +429,19 @@ def main(argv=None):
     s.add_argument("--diffusion-steps", type=int, default=None,
                    help="reverse steps of a diffusion prior (default: all it was trained with)")
     s.add_argument("--grid", default=None, help="also save the kept samples here as one PNG, a row per value")
+    s = sub.add_parser("diagnose", help="where a run loses the prompt: reconstructions, then the prior on image "
+                                        "and on text embeddings, at every prior checkpoint kept; appends JSON lines")
+    s.add_argument("--run", required=True, help="train.py's --out (trained with --keep-checkpoints large enough)")
+    s.add_argument("--out", required=True, help="file the rows are appended to; rows already there are skipped")
+    s.add_argument("--n", type=int, default=16, help="candidates per prompt")
+    s.add_argument("--keep", type=int, default=8, help="also scored: the best this many of n, by CLIP score")
+    s.add_argument("--seeds", type=int, default=1, help="sampling seeds 0..SEEDS-1")
+    s.add_argument("--last", action="store_true", help="only the newest prior checkpoint (prior.pt)")
     for s in sub.choices.values():
         s.add_argument("--world", choices=list(WORLDS), default="letters", help="which toy world")
     args = p.parse_args(argv)
     world = WORLDS[args.world]
-    if args.command == "eval" and args.seeds < 1:
+    if args.command in ("eval", "diagnose") and args.seeds < 1:
         p.error(f"--seeds {args.seeds}: give at least 1")
     if args.command == "eval" and args.diffusion_steps is not None and args.diffusion_steps < 1:
         p.error(f"--diffusion-steps {args.diffusion_steps}: give at least 1")
@@ -424,8 +460,40 @@ def main(argv=None):
         print(f"with the modality gap: {clip_report(add_modality_gap(model, world=world), world=world)}")
         torch.save({k: v.half() for k, v in model.state_dict().items()}, out)
         print(f"wrote {out}")
+    elif args.command == "diagnose":
+        diagnose_command(args, world)
     else:
         evaluate_command(args, world)
+
+
+def diagnose_command(args, world):
+    """`toyworld.py diagnose`: diagnose() at every prior checkpoint of a run (or its newest), each row
+    appended to --out as one JSON line as soon as it is measured, so that a grid of runs can be stopped and
+    started again without measuring anything twice."""
+    done = set()
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            done = {(r["run"], r["step"], r["row"]) for r in map(json.loads, f)}
+    run = os.path.abspath(args.run)
+    folder = os.path.join(args.run, "checkpoints")
+    priors = [os.path.join(args.run, "prior.pt")] if args.last else \
+        sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.startswith("prior_"))
+
+    def append(step, row, values):
+        with open(args.out, "a") as f:
+            f.write(json.dumps({"run": run, "world": world.name, "step": step, "row": row, "n": args.n,
+                                "keep": args.keep, "seeds": args.seeds, **values}) + "\n")
+        print(f"{os.path.basename(run)} step {step} {row}: {values}", flush=True)
+
+    for path in priors:
+        gen = clipgen.CLIPGen.from_checkpoint((os.path.join(args.run, "vqgan.pt"), path), device="cpu")
+        step = data.load_checkpoint(path, "prior")["step"]
+        if (run, 0, "reconstructions") not in done:
+            append(0, "reconstructions", reconstruction_report(gen.vqgan, world=world))
+            done.add((run, 0, "reconstructions"))
+        if any((run, step, row) not in done for row in ("image, all", "text, all")):
+            for row, values in diagnose(gen, world, n=args.n, keep=args.keep, seeds=args.seeds).items():
+                append(step, row, values)
 
 
 def evaluate_command(args, world):
