@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -263,13 +264,67 @@ class StepSampler(Sampler):
 # Checkpoints.
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a file size limit, an I/O error): the message names the file,
+    its folder and the free space left there. The previous version of the file, if any, is untouched."""
+
+
+class _RecordingFile:
+    """A file object that remembers the first OSError its writes raised: torch.save reports a failed write
+    as a RuntimeError with no errno, so the cause is read back from here."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b):
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name):  # flush, tell, seek...: the real file's
+        return getattr(self.f, name)
+
+
+def fsync_folder(folder):
+    """Make a rename in `folder` durable: a directory's entries reach the disk only when it is synced."""
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path, write):
-    """write(f) into a temp file in the same folder, then an atomic rename: a crash mid-write never leaves a
-    truncated file where a good one was, and a file that exists is complete."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    """write(f) into a temp file in the same folder, sync it to the disk, rename it into place, then sync the
+    folder. So a file that exists is complete and on the disk, even after a power cut right after the call
+    returns, and a crash mid-write never leaves a truncated file where a good one was. A failed write (the
+    disk full, a size limit, an I/O error) removes the temp file, leaves any previous file as it was, and
+    raises WriteError naming the file, the folder and the space left."""
+    tmp, folder = path + ".tmp", os.path.dirname(path) or "."
+    f = None
+    try:
+        with open(tmp, "wb") as raw:
+            f = _RecordingFile(raw)
+            write(f)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+        fsync_folder(folder)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass  # the disk that failed the write may fail this too; the temp file is harmless
+        cause = (f.error if f is not None else None) or e
+        if not isinstance(cause, OSError):
+            raise  # a bug, not the disk: let it show as one
+        free = shutil.disk_usage(folder).free / 1e6 if os.path.isdir(folder) else float("nan")
+        error = WriteError(f"could not write {path} ({cause.strerror or cause}); {free:,.0f} MB free in {folder}")
+        error.errno = cause.errno
+        raise error from None
 
 
 def save_checkpoint(obj, path):

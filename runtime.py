@@ -15,6 +15,8 @@ Each function takes the values it reads, not train.py's whole command line. Erro
 the run through `fail`: one `error:` line on stderr, exit status 1.
 """
 import argparse
+import datetime
+import fcntl
 import hashlib
 import json
 import math
@@ -22,9 +24,10 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -149,8 +152,61 @@ def setup_distributed(device_arg):
         # bf16-like mantissa.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        # A collective that waits longer than this for a peer (a hung process; a dead one is noticed at once)
+        # fails, and the run stops with one line instead of hanging. Long enough for the slowest share of
+        # the stage-2 cache build, which the other processes wait for.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return Process(rank, world, device)
+
+
+def lock_run_folder(out, proc):
+    """One run per folder: rank 0 takes an exclusive OS lock (flock) on OUT/.lock and writes its process id
+    and host there. The kernel releases the lock when the process ends, however it ends, so no stale lock can
+    remain; a second train.py into the same --out (a second launch by mistake, a scheduler's retry while
+    the first still runs) stops with one line naming the holder. -> the open lock file (close() releases
+    it), or None on other ranks."""
+    handle, holder = None, None
+    if proc.master:
+        os.makedirs(out, exist_ok=True)
+        handle = open(os.path.join(out, ".lock"), "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle.truncate(0)
+            handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            handle.flush()
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+    holder = broadcast_object(holder, proc)
+    if holder:
+        fail(f"--out {out} is in use by another training run ({holder}); wait for it to end or stop it, or "
+             f"train into another --out")
+    return handle
+
+
+@contextmanager
+def one_run(out, proc, batch_size, grad_accum):
+    """Around a whole training run: holds the run folder's lock; turns running out of GPU memory, and a
+    collective whose peer died, into one line each; and on every way out releases the lock and leaves the
+    process group (so that tests and notebooks can run main again)."""
+    lock = None
+    try:
+        lock = lock_run_folder(out, proc)
+        yield
+    except torch.OutOfMemoryError:
+        fail(f"out of memory on {proc.device} with --batch-size {batch_size}. Lower --batch-size and raise "
+             f"--grad-accum as much: the global batch ({batch_size * grad_accum * proc.world}), and with it the "
+             f"data order, stays the same, so --resume continues this run")
+    except RuntimeError as e:
+        if not is_collective_failure(e, proc):
+            raise
+        fail(f"another process of this run stopped or hangs ({str(e).splitlines()[0][:160]}). Continue from the "
+             f"last checkpoint with --resume (torchrun --max-restarts N does it by itself)")
+    finally:
+        if lock is not None:
+            lock.close()
+        end_distributed()
 
 
 def wrap_model(model, compile_model, proc):
@@ -166,6 +222,14 @@ def sync_gradients(model, last_micro_step):
     """DDP averages gradients over processes in every backward; with gradient accumulation only the last
     micro-step's backward needs to, so the others run under no_sync (entered before their forward)."""
     return model.no_sync() if isinstance(model, DDP) and not last_micro_step else nullcontext()
+
+
+def is_collective_failure(error, proc):
+    """Whether a RuntimeError came from a collective whose peer died or hung: gloo raises it as a plain
+    RuntimeError ("Connection closed by peer"), NCCL and timeouts as torch.distributed.DistError."""
+    text = str(error)
+    return proc.world > 1 and (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text
+                               or "Connection closed by peer" in text or "Connection reset by peer" in text)
 
 
 def end_distributed():
@@ -215,10 +279,14 @@ def mean_over_ranks(values, device):
 # what changed.
 
 
-def scan_data(spec, out, proc):
+def scan_data(spec, out, proc, resume=False, accept_changes=False):
     """--data `spec` -> (ImageRefs, a fingerprint of its sources). Rank 0 lists the sources with their sizes
     and times; those the manifest in `out` does not already describe are checked, split over all processes;
-    rank 0 writes the updated manifest. Unreadable images are named in one warning and left out."""
+    rank 0 writes the updated manifest. Unreadable images are named in one warning and left out.
+
+    A resumed run must see the images it began with, since exact resume replays the data order: with
+    `resume`, sources removed or edited since the manifest was written stop the run, naming them, and new
+    sources are left out with a warning, unless `accept_changes`."""
     manifest_path = os.path.join(out, "manifest.json")
     listing = None
     if proc.master:
@@ -230,13 +298,16 @@ def scan_data(spec, out, proc):
     if isinstance(listing, str):
         fail(listing)
     known = data.read_manifest(manifest_path)
+    if resume and known and not accept_changes:
+        listing = unchanged_sources(listing, known, proc)
     todo = [s for s in listing if s[0] not in known or known[s[0]]["source"] != s]
     mine = [data.scan_source(s) for s in todo[proc.rank::proc.world]]
     scanned = {e["source"][0]: e for part in gather_objects(mine, proc) for e in part}
     entries = [scanned[s[0]] if s[0] in scanned else known[s[0]] for s in listing]
-    if proc.master and (todo or len(known) != len(listing)):
-        os.makedirs(out, exist_ok=True)
-        data.write_manifest(manifest_path, entries)
+    with rank0_writes(proc):
+        if proc.master and (todo or len(known) != len(listing)):
+            os.makedirs(out, exist_ok=True)
+            data.write_manifest(manifest_path, entries)
     try:
         images, bad = data.images_of(entries)
     except ValueError as e:
@@ -247,6 +318,27 @@ def scan_data(spec, out, proc):
     return images, hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
+def unchanged_sources(listing, known, proc):
+    """The sources of `listing` that the manifest `known` describes as they are; exit naming the removed or
+    edited ones, if any, and warn of new ones, which are left out."""
+    here = {s[0] for s in listing}
+    removed = [path for path in known if path not in here]
+    edited = [s[0] for s in listing if s[0] in known and known[s[0]]["source"] != s]
+    named = lambda paths: ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    if removed or edited:
+        what = [f"{len(removed)} removed ({named(removed)})"] * bool(removed) + \
+            [f"{len(edited)} edited ({named(edited)})"] * bool(edited)
+        fail(f"--data changed since this run began: {' and '.join(what)}. --resume replays the run's data order, "
+             f"which needs the same images: put them back, or pass --accept-changed-data to go on with the data "
+             f"as it is (the order changes from here on)")
+    added = [s[0] for s in listing if s[0] not in known]
+    if added and proc.master:
+        print(f"warning: {len(added)} source(s) added to --data since this run began are left out of it "
+              f"({named(added)}); --accept-changed-data trains on them (the order changes from here on)",
+              file=sys.stderr)
+    return [s for s in listing if s[0] in known]
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Stage 2's cache (its files: data.py): every image's VQGAN tokens and CLIP embedding, encoded once, split
 # over the processes, and then memory-mapped by all of them, so that the prior's steps never touch an image
@@ -255,12 +347,18 @@ def scan_data(spec, out, proc):
 CACHE_BATCH = 32  # images per encoder batch (x2 with the mirror images); fixed, so the cache's bytes are too
 
 
-def cache_key(fingerprint, vqgan_sha256, clip_name, image_size):
+def clip_sha256(name):
+    """The identity of the CLIP --clip names: a released model's SHA-256 from its URL (what its download is
+    checked against), a file's by reading it. Checkpoints record it, so that a run is never continued with
+    another CLIP, whatever its name or path."""
+    return clip_loader.MODELS[name].split("/")[0] if name in clip_loader.MODELS else clip_loader.sha256_of(name)
+
+
+def cache_key(fingerprint, vqgan_sha256, clip_sha, image_size):
     """A digest of everything the cached tokens and embeddings depend on: the images (scan_data's
-    fingerprint of the sources' paths, sizes and times), the VQGAN weights (their file's SHA-256), the CLIP,
-    the image size and the chunking. Any change gives a new key and a new cache."""
-    clip_id = clip_name if clip_name in clip_loader.MODELS else clip_loader.sha256_of(clip_name)
-    blob = json.dumps([fingerprint, vqgan_sha256, clip_id, image_size, data.CACHE_CHUNKS, data.CACHE_CHUNK_MAX])
+    fingerprint of the sources' paths, sizes and times), the VQGAN weights and the CLIP (their SHA-256), the
+    image size and the chunking. Any change gives a new key and a new cache."""
+    blob = json.dumps([fingerprint, vqgan_sha256, clip_sha, image_size, data.CACHE_CHUNKS, data.CACHE_CHUNK_MAX])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -295,21 +393,35 @@ def build_cache(images, vq, clip_model, folder, proc, stop, workers=0):
             tokens, embeddings = [], []
 
 
-def cached_tokens_and_embeddings(images, fingerprint, vq, vqgan_sha256, clip_model, clip_name, out, workers, stop,
+def cached_tokens_and_embeddings(images, fingerprint, vq, vqgan_sha256, clip_model, clip_sha, out, workers, stop,
                                  proc):
     """The cache of these images in OUT/prior_cache_KEY, built where chunks are missing -> (tokens,
     embeddings) ChunkedArrays of 2 rows per image."""
-    key = cache_key(fingerprint, vqgan_sha256, clip_name, vq.cfg.image_size)
+    key = cache_key(fingerprint, vqgan_sha256, clip_sha, vq.cfg.image_size)
     folder = os.path.join(out, "prior_cache_" + key[:16])
     n_chunks = len(data.cache_chunks(len(images)))
     missing = sum(not os.path.exists(data.cache_file(folder, "tokens", c)) for c in range(n_chunks))
     if proc.master and missing:
         print(f"encoding {len(images)} images (and their mirror images) with the VQGAN and CLIP in {proc.world} "
               f"process(es): {missing} of {n_chunks} cache chunks to write in {folder}")
+        stale = [os.path.join(out, f) for f in os.listdir(out) if f.startswith("prior_cache_") and
+                 os.path.join(out, f) != folder]
+        if stale:  # other images, VQGAN or CLIP: no run of this folder reads them any more
+            size = sum(os.path.getsize(os.path.join(f, c)) for f in stale for c in os.listdir(f)) / 1e6
+            print(f"warning: {len(stale)} older stage-2 cache(s) in {out} take {size:,.0f} MB and are no longer "
+                  f"used: {', '.join(os.path.basename(f) for f in stale)}; delete them to free the space",
+                  file=sys.stderr)
     elif proc.master:
         print(f"using cached tokens and embeddings in {folder}")
-    build_cache(images, vq, clip_model, folder, proc, stop, workers)
-    barrier()  # each process waits only for the others' share of the chunks
+    try:
+        build_cache(images, vq, clip_model, folder, proc, stop, workers)
+        error = None
+    except data.WriteError as e:
+        error = str(e)
+    # Each process waits only for the others' share of the chunks, and hears if one of them could not write.
+    errors = [e for e in gather_objects(error, proc) if e]
+    if errors:
+        fail(f"{errors[0]}. Finished cache chunks are kept: make room, then run again (or --resume)")
     return data.open_cache(folder, len(images))
 
 
@@ -317,12 +429,34 @@ def cached_tokens_and_embeddings(images, fingerprint, vq, vqgan_sha256, clip_mod
 # Checkpoints: atomic writes, the last K kept, everything needed to continue exactly.
 
 
-def save_rotating(obj, out, kind, step, keep, proc):
-    """Write OUT/checkpoints/KIND_STEP.pt (rank 0), point OUT/KIND.pt (what sample.py loads) at it with an
-    atomic hard link, and delete all but the newest `keep` step files. Returns OUT/KIND.pt."""
-    latest = os.path.join(out, f"{kind}.pt")
-    if not proc.master:
-        return latest
+@contextmanager
+def rank0_writes(proc):
+    """Around what rank 0 alone writes (checkpoints, grids, the manifest): a write that fails (a full disk)
+    stops every process with one line, instead of rank 0 alone while the others wait for it in the next
+    collective until the timeout."""
+    error = None
+    try:
+        yield
+    except OSError as e:
+        error = str(e) if isinstance(e, data.WriteError) else f"{e.strerror or e}: {e.filename}"
+    error = broadcast_object(error, proc)
+    if error:
+        fail(f"{error}. Every file written before is kept: make room, then continue with --resume")
+
+
+def save_rotating(obj, out, kind, step, keep):
+    """Write OUT/checkpoints/KIND_STEP.pt, point OUT/KIND.pt (what sample.py loads) at it, and only then delete
+    all but the newest `keep` step files: each write is on the disk (synced, renamed, its folder synced)
+    before anything older goes, so a power cut never leaves the run without a readable checkpoint."""
+    write_and_link(obj, out, kind, step)
+    folder = os.path.join(out, "checkpoints")
+    for old in sorted(f for f in os.listdir(folder) if f.startswith(kind + "_"))[:-keep]:
+        os.remove(os.path.join(folder, old))
+
+
+def write_and_link(obj, out, kind, step):
+    """OUT/checkpoints/KIND_STEP.pt, then OUT/KIND.pt made the same file by an atomic hard link (a copy on file
+    systems without hard links), durable before this returns."""
     folder = os.path.join(out, "checkpoints")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{kind}_{step:07d}.pt")
@@ -332,12 +466,11 @@ def save_rotating(obj, out, kind, step, keep, proc):
         os.remove(tmp)
     try:
         os.link(path, tmp)
-    except OSError:  # file systems without hard links: a second copy
-        shutil.copyfile(path, tmp)
-    os.replace(tmp, latest)
-    for old in sorted(f for f in os.listdir(folder) if f.startswith(kind + "_"))[:-keep]:
-        os.remove(os.path.join(folder, old))
-    return latest
+    except OSError:  # no hard links here: a second copy, written like any other file
+        with open(path, "rb") as src:
+            data.write_atomically(tmp, lambda f: shutil.copyfileobj(src, f))
+    os.replace(tmp, os.path.join(out, f"{kind}.pt"))
+    data.fsync_folder(out)
 
 
 def latest_checkpoint(out, kind, proc):
@@ -375,11 +508,18 @@ def checkpoint(kind, cfg, step, batch, args, proc, **state):
 FLAG_OF_FIELD = {"image_size": "--image-size", "adaln": "--adaln", "clip_dim": "--clip", "remove_mean": "--remove-mean"}
 
 
-def refuse_changed_run(ckpt, ckpt_path, config, prior_type, preset, seed, global_batch):
+def refuse_changed_run(ckpt, ckpt_path, config, prior_type, preset, seed, global_batch, clip=(None, None),
+                       data_fingerprint=None):
     """Exit, naming the flag, if resuming with these values would build another model than the checkpoint's
-    (`config`, the model config the flags give, as a dict) or feed the data in another order (the seed, the
-    global batch); anything else may change on resume."""
+    (`config`, the model config the flags give, as a dict), feed other data or the data in another order (its
+    fingerprint, None once the user accepted a change; the seed, the global batch) or condition the prior on
+    another CLIP (`clip`: --clip and its SHA-256, or Nones where the run uses none); anything else may change
+    on resume."""
     saved = ckpt["args"]
+    refuse_other_clip(saved, ckpt_path, *clip)
+    if data_fingerprint is not None and saved.get("data_fingerprint") not in (None, data_fingerprint):
+        fail(f"--data is not the data {ckpt_path} was trained on (OUT/manifest.json, which would say what changed, "
+             f"no longer describes it); restore it, or pass --accept-changed-data to go on with the data as it is")
     saved_prior = saved.get("prior", "ar")  # runs from before --prior existed trained the GPT
     if saved_prior != prior_type:
         fail(f"--prior {prior_type} but {ckpt_path} holds a --prior {saved_prior} run; resume with "
@@ -398,6 +538,16 @@ def refuse_changed_run(ckpt, ckpt_path, config, prior_type, preset, seed, global
     if ckpt["global_batch"] != global_batch:
         fail(f"--batch-size x --grad-accum x processes = {global_batch}, but {ckpt_path} was trained with a "
              f"global batch of {ckpt['global_batch']}, which decides the data order; keep that product")
+
+
+def refuse_other_clip(saved_args, ckpt_path, name, sha):
+    """Exit, naming both, if the checkpoint's run was begun with another CLIP than --clip `name` (SHA-256
+    `sha`). Runs from before CLIPs were recorded, and stage-1 runs that name none, pass."""
+    saved_name, saved_sha = saved_args.get("clip"), saved_args.get("clip_sha256")
+    if sha is not None and saved_sha is not None and saved_sha != sha:
+        fail(f"--clip {name} (SHA-256 {sha[:12]}...) is not the CLIP {ckpt_path} was trained with, --clip "
+             f"{saved_name} (SHA-256 {saved_sha[:12]}...): its embeddings would mean something else. Pass that CLIP, "
+             f"or train into another --out")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -509,8 +659,9 @@ class Meter:
 
 
 def save_grid(top, bottom, path):
-    """Two rows of images in [-1, 1], (n, 3, H, W) each, as one PNG."""
-    save_image(torch.cat([top, bottom]) * 0.5 + 0.5, path, nrow=len(top))
+    """Two rows of images in [-1, 1], (n, 3, H, W) each, as one PNG, written like a checkpoint."""
+    data.write_atomically(path, lambda f: save_image(torch.cat([top, bottom]) * 0.5 + 0.5, f, nrow=len(top),
+                                                     format="png"))
 
 
 @torch.no_grad()

@@ -4,6 +4,8 @@ test_clipgen.py: the test suite. CPU only, no network, small models; run with `p
 Tests check behaviour that can fail: exact token ids, parity with golden values taken from OpenAI's
 reference implementation, equality of code paths, errors on bad input.
 """
+import errno
+import fcntl
 import functools
 import io
 import hashlib
@@ -756,8 +758,8 @@ def test_train_vqgan_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "skipping 1 unreadable image file(s)" in r.stderr and "corrupt.jpg" in r.stderr
     assert "14 images" in r.stdout and "step      6/6" in r.stdout and "psnr" in r.stdout
-    assert sorted(os.listdir(out)) == ["checkpoints", "manifest.json", "vqgan.pt", "vqgan_0000003.png",
-                                       "vqgan_0000006.png"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoints", "manifest.json", "vqgan.pt", "vqgan_0000003.png",
+                                       "vqgan_0000006.png"]  # .lock: the folder's lock, free once the run ends
     assert sorted(os.listdir(out / "checkpoints")) == ["vqgan_0000003.pt", "vqgan_0000006.pt"]
     grid = Image.open(out / "vqgan_0000006.png")
     assert grid.size[1] > grid.size[0] / 8 * 1.5  # two rows: inputs above reconstructions
@@ -1068,15 +1070,17 @@ def test_cache_key_tracks_vqgan_clip_and_size(tmp_path, ckpt_root):
     vq_path = tmp_path / "vqgan.pt"
     torch.save({"kind": "vqgan", "w": torch.zeros(3)}, vq_path)
     _, clip_paths = _checkpoint_files("tiny-vit", ckpt_root)
-    vq_sha = clip_loader.sha256_of(vq_path)
-    key = runtime.cache_key(paths, vq_sha, clip_paths["state_dict"], 32)
-    assert runtime.cache_key(paths, vq_sha, clip_paths["state_dict"], 32) == key
-    assert runtime.cache_key(paths, vq_sha, clip_paths["fp16"], 32) != key
-    assert runtime.cache_key(paths, vq_sha, clip_paths["state_dict"], 48) != key
-    assert runtime.cache_key(fewer, vq_sha, clip_paths["state_dict"], 32) != key
+    vq_sha, clip_sha = clip_loader.sha256_of(vq_path), runtime.clip_sha256(clip_paths["state_dict"])
+    key = runtime.cache_key(paths, vq_sha, clip_sha, 32)
+    # A CLIP is known by its bytes: the same file elsewhere is the same CLIP, another file (fp16) is not.
+    shutil.copy(clip_paths["state_dict"], tmp_path / "moved.pt")
+    assert runtime.cache_key(paths, vq_sha, runtime.clip_sha256(str(tmp_path / "moved.pt")), 32) == key
+    assert runtime.cache_key(paths, vq_sha, runtime.clip_sha256(clip_paths["fp16"]), 32) != key
+    assert runtime.clip_sha256("ViT-B/32").startswith("40d365715913")  # a released model's, from its URL
+    assert runtime.cache_key(paths, vq_sha, clip_sha, 48) != key
+    assert runtime.cache_key(fewer, vq_sha, clip_sha, 32) != key
     torch.save({"kind": "vqgan", "w": torch.ones(3)}, vq_path)
-    assert runtime.cache_key(paths, clip_loader.sha256_of(vq_path), clip_paths["state_dict"], 32) != key
-
+    assert runtime.cache_key(paths, clip_loader.sha256_of(vq_path), clip_sha, 32) != key
 
 def test_train_all_stages_end_to_end(tmp_path, ckpt_root, capsys):
     write_image_folder(tmp_path / "imgs")
@@ -1109,7 +1113,7 @@ def test_train_all_stages_end_to_end(tmp_path, ckpt_root, capsys):
     assert "using cached" in capsys.readouterr().out
     wide = random_openai_state_dict({**TINY_VIT, "embed_dim": 48})
     torch.save(wide, tmp_path / "wide_clip.pt")
-    with pytest.raises(SystemExit, match=r"--clip gives clip_dim = 48 .* trained with 32"):
+    with pytest.raises(SystemExit, match=r"wide_clip.pt \(SHA-256 .* is not the CLIP .* trained with"):
         train.main([*common[:-1], str(tmp_path / "wide_clip.pt"), "--stage", "prior", "--prior-steps", "6",
                     "--resume"])
 
@@ -1325,12 +1329,26 @@ def assert_same_prior(path_a, path_b, atol=1e-5):
     assert all(torch.allclose(a[k], b[k], atol=atol) for k in a)
 
 
-def test_two_processes_equal_one(scale_setup, capsys):
+def kill_rank(rank, marker):
+    """SIGKILL the training process of `rank` whose command line contains `marker` (a torchrun worker)."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and marker.encode() in cmd and b"train.py" in cmd:
+            os.kill(int(pid), signal.SIGKILL)
+            return
+    raise AssertionError(f"no process of rank {rank} running {marker}")
+
+
+def test_two_processes_equal_one_and_survive_a_dead_one(scale_setup, capsys):
     root, common = scale_setup
     # taming's learning rate, 1e-4: at the tiny recipe's the GroupNorm-bias noise (see assert_same_vqgan) grows.
     # Stage 2 trains the diffusion prior: the training loop is the GPT's, and its random draws (condition
     # dropout, pseudo-text noise, then steps, masks and replacement codes) include all of the GPT's.
-    args = [*common, "--vqgan-steps", "4", "--prior-steps", "4", "--disc-start", "100", "--log-every", "2",
+    args = [*common, "--vqgan-steps", "4", "--prior-steps", "12", "--disc-start", "100", "--log-every", "2",
             "--save-every", "4", "--vqgan-lr", "1e-4", "--prior", "diffusion", "--pseudo-text-alpha", "0.3"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                 *args, "--batch-size", "4"]
@@ -1351,16 +1369,31 @@ def test_two_processes_equal_one(scale_setup, capsys):
     # on half of each batch, as a rank whose gradients were never averaged, keeps 4.5%.)
     assert_same_vqgan(root / "one" / "vqgan.pt", root / "two" / "vqgan.pt", share=0.9)
     # Stage 2 from the same vqgan.pt (the two VQGANs differ by rounding, which can flip a token): the cache
-    # that 2 processes encode (a chunk of each image, round-robin) is byte for byte 1's, and so is training.
-    os.makedirs(root / "two_prior")
-    shutil.copy(root / "one" / "vqgan.pt", root / "two_prior" / "vqgan.pt")
-    two = subprocess.run([*torchrun, "--stage", "prior", "--out", str(root / "two_prior")], cwd=REPO,
+    # that 2 processes encode (a chunk of each image, round-robin) is byte for byte 1's, and so is training,
+    # even when a process dies mid-run: the other one stops with one line at once, and --resume goes on.
+    out = root / "two_prior"
+    os.makedirs(out)
+    shutil.copy(root / "one" / "vqgan.pt", out / "vqgan.pt")
+    killed = subprocess.Popen([*torchrun, "--stage", "prior", "--out", str(out)], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "prior_0000004.pt").exists() and time.time() < deadline:
+        time.sleep(0.005)
+    kill_rank(1, str(out))
+    t0 = time.time()
+    _, err = killed.communicate(timeout=120)
+    assert killed.returncode != 0 and time.time() - t0 < 60
+    rank0 = [line for line in err.splitlines() if line.startswith("[rank0]") or line.startswith("error:")]
+    assert any("another process of this run stopped" in line for line in rank0), err
+    assert not any("Traceback" in line for line in rank0), err
+    two = subprocess.run([*torchrun, "--stage", "prior", "--out", str(out), "--resume"], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr
+    assert two.returncode == 0 and "resuming stage 2 from" in two.stdout, two.stderr
     cache = lambda run: {p.name: p.read_bytes() for p in (root / run).glob("prior_cache_*/*.npy")}
     assert len(cache("one")) == 2 * 14 and cache("one") == cache("two_prior")
-    assert stage2(one) == stage2(two) and len(stage2(one)) == 2
-    assert_same_prior(root / "one" / "prior.pt", root / "two_prior" / "prior.pt")
+    after = stage2(two)  # the lines logged after the resume point
+    assert len(stage2(one)) == 6 and after and stage2(one)[-len(after):] == after
+    assert_same_prior(root / "one" / "prior.pt", out / "prior.pt")
 
 
 def test_gradient_accumulation_equals_a_larger_batch(scale_setup):
@@ -1450,6 +1483,197 @@ def test_truncated_latest_checkpoint_falls_back(scale_setup, capsys):
     assert "not a readable checkpoint" in r.err and "trying an older checkpoint" in r.err
     assert "vqgan_0000004.pt at step 4" in r.out
     assert torch.load(latest, weights_only=True)["step"] == 12
+
+
+# ----- faults a long run meets: the machine's, not the user's
+
+class FullDisk:
+    """A file on a disk with `room[0]` bytes left, shared by every file on it: a write past them fails with
+    ENOSPC."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, b):
+        if len(b) > self.room[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room[0] -= len(b)
+        return self.f.write(b)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def fill_the_disk(monkeypatch, room):
+    """From now on data.py's writes (all of them go through a temp file) find the disk full after `room` bytes."""
+    left = [room]
+
+    def full_open(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        return FullDisk(f, left) if str(path).endswith(".tmp") else f
+    monkeypatch.setattr(data, "open", full_open, raising=False)
+
+
+def test_a_full_disk_loses_nothing_written_before(scale_setup, tmp_path, monkeypatch, capsys):
+    """A checkpoint, a cache chunk and the manifest each meet a full disk part-way: one line names the file, its
+    folder and the space left; the previous file (and the KIND.pt link) are as they were; no temp file stays."""
+    root, common = scale_setup
+    out = tmp_path / "run"
+    args = [*common, "--stage", "vqgan", "--batch-size", "4", "--log-every", "2", "--save-every", "2",
+            "--out", str(out)]
+    train.main([*args, "--vqgan-steps", "2"])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    fill_the_disk(monkeypatch, room=2000)
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--vqgan-steps", "4", "--resume"])
+    message = str(e.value.code)
+    assert message.startswith("error: could not write ") and "vqgan_0000004.pt" in message, message
+    assert "No space left on device" in message and "MB free in " in message and "\n" not in message
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the link too
+    # Cache chunks (an image and its mirror image each, two files): those finished before the disk filled are
+    # kept whole, the one that failed is not there at all, and every process hears of it.
+    refs, _ = data.readable_images(str(root / "imgs"))
+    clip_model = clip_loader.load(common[common.index("--clip") + 1])[0]
+    fill_the_disk(monkeypatch, room=2500)
+    with pytest.raises(SystemExit, match="could not write .*Finished cache chunks are kept"):
+        runtime.cached_tokens_and_embeddings(refs, "data", vqgan.VQGAN(TINY).eval(), "vqgan", clip_model, "clip",
+                                             str(tmp_path), 0, runtime.GracefulStop(), CPU)
+    chunks = sorted(p.name for p in tmp_path.glob("prior_cache_*/*"))
+    done = [n for n in chunks if n.startswith("tokens")]  # a chunk's tokens file is written last, marking it done
+    assert 0 < len(done) < 14 and done == [f"tokens_{c:05d}.npy" for c in range(len(done))]
+    assert all(n.replace("tokens", "embeddings") in chunks for n in done) and all(n.endswith(".npy") for n in chunks)
+    # The manifest: the old one stays, the run stops naming it.
+    fill_the_disk(monkeypatch, room=100)
+    manifest = out / "manifest.json"
+    old = manifest.read_bytes()
+    (root / "imgs" / "new.png").write_bytes((root / "imgs" / "img00.png").read_bytes())  # something to record
+    try:
+        with pytest.raises(SystemExit, match="could not write .*manifest.json"):
+            runtime.scan_data(str(root / "imgs"), str(out), CPU)
+    finally:
+        os.remove(root / "imgs" / "new.png")
+    assert manifest.read_bytes() == old and not list(out.glob("*.tmp"))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_a_save_reaches_the_disk_before_older_checkpoints_go(tmp_path, monkeypatch):
+    """The order that survives a power cut: the new file synced, renamed, its folder synced; the KIND.pt link
+    renamed and its folder synced; only then the oldest checkpoint removed."""
+    events = []
+    where = lambda fd: os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+    for name in ("fsync", "replace", "remove", "link"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, real=real, name=name: (
+            events.append((name, where(a[0]) if name == "fsync" else tuple(os.path.basename(str(p)) for p in a))),
+            real(*a))[1])
+    runtime.save_rotating({"kind": "vqgan", "step": 1}, str(tmp_path), "vqgan", 1, keep=1)
+    events.clear()
+    runtime.save_rotating({"kind": "vqgan", "step": 2}, str(tmp_path), "vqgan", 2, keep=1)
+    assert events == [("fsync", "vqgan_0000002.pt.tmp"), ("replace", ("vqgan_0000002.pt.tmp", "vqgan_0000002.pt")),
+                     ("fsync", "checkpoints"), ("link", ("vqgan_0000002.pt", ".vqgan.pt.link")),
+                     ("replace", (".vqgan.pt.link", "vqgan.pt")), ("fsync", tmp_path.name),
+                     ("remove", ("vqgan_0000001.pt",))], events
+
+
+def test_one_run_per_folder(scale_setup, tmp_path):
+    """A second train.py into the same --out stops naming the process that holds it; the lock goes with the
+    run on every way out (an error included), so the next run may take it."""
+    root, common = scale_setup
+    out = tmp_path / "run"
+    args = [*common, "--stage", "vqgan", "--vqgan-steps", "1", "--batch-size", "4", "--out", str(out)]
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # another run's lock: a separate open file, as another process has
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("process 4242 on elsewhere\n")
+        held.flush()
+        with pytest.raises(SystemExit, match="in use by another training run \\(process 4242 on elsewhere\\)"):
+            train.main(args)
+    assert not (out / "vqgan.pt").exists()
+    train.main(args)  # free again: this run takes the lock, trains, and lets go
+    with pytest.raises(SystemExit):
+        train.main([*args, "--resume", "--seed", "5"])  # refused after the lock was taken: released all the same
+    with open(out / ".lock", "a+") as mine:
+        fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a run still held it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_a_resume_with_another_clip_is_refused_naming_both(scale_setup, tmp_path):
+    """The same architecture and width in other bytes (the fp16 copy of the tiny CLIP) is another CLIP; the
+    same bytes at another path are the same one."""
+    root, common = scale_setup
+    clip = common[common.index("--clip") + 1]
+    other = clip.replace("sd.pt", "fp16.pt")
+    moved = str(tmp_path / "moved.pt")
+    shutil.copy(clip, moved)
+    out = tmp_path / "run"
+    args = [*common, "--vqgan-steps", "2", "--prior-steps", "2", "--batch-size", "4", "--embed-loss-weight", "0",
+            "--out", str(out)]
+    train.main(args)
+    swap = lambda path: [*args[:args.index("--clip") + 1], path, *args[args.index("--clip") + 2:]]
+    for argv in ([*swap(other), "--prior-steps", "3", "--resume"], [*swap(other), "--stage", "prior", "--resume"]):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+        assert f"--clip {other} (SHA-256" in str(e.value.code) and f"--clip {clip} (SHA-256" in str(e.value.code)
+    os.remove(out / "prior.pt")
+    shutil.rmtree(out / "checkpoints")  # only stage 1's run is left, begun with --stage all and `clip`
+    (out / "checkpoints").mkdir()
+    with pytest.raises(SystemExit, match="is not the CLIP"):
+        train.main([*swap(other), "--stage", "prior"])
+    train.main([*swap(moved), "--stage", "prior"])  # the same CLIP, moved
+    train.main([*swap(other), "--stage", "prior", "--overwrite"])  # and another, when told to start afresh
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_a_resume_on_changed_data_says_what_changed(scale_setup, tmp_path, capsys):
+    """Exact resume replays the data order: a removed or edited image stops the resume, naming it; a new one is
+    left out, said in a warning; --accept-changed-data goes on with the data as it is."""
+    root, common = scale_setup
+    imgs = tmp_path / "imgs"
+    shutil.copytree(root / "imgs", imgs)
+    data_at = common.index("--data") + 1
+    args = [*common[:data_at], str(imgs), *common[data_at + 1:], "--stage", "vqgan", "--batch-size", "4",
+            "--log-every", "2", "--save-every", "2", "--out", str(tmp_path / "run")]
+    train.main([*args, "--vqgan-steps", "2"])
+    shutil.copy(imgs / "img00.png", imgs / "img99.png")
+    capsys.readouterr()
+    train.main([*args, "--vqgan-steps", "4", "--resume"])
+    assert "1 source(s) added" in capsys.readouterr().err and "img99.png" not in \
+        (tmp_path / "run" / "manifest.json").read_text()
+    os.remove(imgs / "img03.png")
+    os.utime(imgs / "img04.png", ns=(0, 0))
+    with pytest.raises(SystemExit) as e:
+        train.main([*args, "--vqgan-steps", "6", "--resume"])
+    assert "1 removed" in str(e.value.code) and "img03.png" in str(e.value.code)
+    assert "1 edited" in str(e.value.code) and "img04.png" in str(e.value.code)
+    train.main([*args, "--vqgan-steps", "6", "--resume", "--accept-changed-data"])
+    assert torch.load(tmp_path / "run" / "vqgan.pt", weights_only=True)["step"] == 6
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_out_of_memory_is_one_line_with_what_to_lower(scale_setup, tmp_path, monkeypatch):
+    root, common = scale_setup
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(train, "generator_step", no_memory)
+    with pytest.raises(SystemExit) as e:
+        train.main([*common, "--stage", "vqgan", "--vqgan-steps", "2", "--batch-size", "4", "--grad-accum", "2",
+                    "--out", str(tmp_path / "run")])
+    message = str(e.value.code)
+    assert "out of memory" in message and "--batch-size 4" in message and "--grad-accum" in message
+    assert "global batch (8)" in message and "\n" not in message
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_checkpoints_hold_no_pickled_code(trained_run):

@@ -74,6 +74,9 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="train from step 0 and replace the checkpoints in --out")
     # Older checkpoints are deleted only after a new one is written: a crash mid-write leaves the previous one.
     p.add_argument("--keep-checkpoints", type=at_least(1), default=3, help="step checkpoints kept in OUT/checkpoints")
+    # Exact resume replays the data order, so a resume stops when --data has changed, unless told to go on.
+    p.add_argument("--accept-changed-data", action="store_true",
+                   help="with --resume: train on --data as it is now, though images were added, removed or edited")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (faster on GPU after a warm-up)")
     add_stage1_flags(p.add_argument_group("stage 1: VQGAN"))
     add_stage2_flags(p.add_argument_group("stage 2: prior"))
@@ -198,7 +201,9 @@ def resume_point(args, kind, cfg, batch, proc):
     ckpt, path = runtime.latest_checkpoint(args.out, kind, proc) if args.resume else (None, None)
     if ckpt is None:
         return None, None, cfg, 0
-    runtime.refuse_changed_run(ckpt, path, asdict(cfg), args.prior, args.preset, args.seed, batch)
+    fingerprint = None if args.accept_changed_data else args.data_fingerprint
+    runtime.refuse_changed_run(ckpt, path, asdict(cfg), args.prior, args.preset, args.seed, batch,
+                               (args.clip, args.clip_sha256), fingerprint)
     return ckpt, path, type(cfg)(**ckpt["config"]), ckpt["step"]
 
 
@@ -352,10 +357,12 @@ def train_vqgan(args, images, proc):
             ckpt = runtime.checkpoint("vqgan", cfg, step, batch, args, proc, model=raw_model.state_dict(),
                                       discriminator=raw_disc.state_dict(), opt_g=opt_g.state_dict(),
                                       opt_d=opt_d.state_dict())
-            guard.last_good = runtime.save_rotating(ckpt, args.out, "vqgan", step, args.keep_checkpoints, proc)
-            if proc.master:
-                grid = os.path.join(args.out, f"vqgan_{step:07d}.png")
-                runtime.save_vqgan_grid(raw_model, preview, grid, proc.device)
+            with runtime.rank0_writes(proc):
+                if proc.master:
+                    runtime.save_rotating(ckpt, args.out, "vqgan", step, args.keep_checkpoints)
+                    grid = os.path.join(args.out, f"vqgan_{step:07d}.png")
+                    runtime.save_vqgan_grid(raw_model, preview, grid, proc.device)
+            guard.last_good = os.path.join(args.out, "vqgan.pt")
         if stopping:
             stop.exit(step, proc)
     if proc.master:
@@ -380,10 +387,14 @@ def frozen_models(args, proc):
              f"(python train.py --data {args.data} --out {args.out} --stage vqgan) or use --stage all")
     # Frozen (and in eval mode): the embedding loss's gradient flows through them to the prior alone.
     try:
-        vq = vqgan.load_vqgan(vqgan_path, proc.device)[0].requires_grad_(False)
+        vq, vq_ckpt = vqgan.load_vqgan(vqgan_path, proc.device)
         clip_model = clip_loader.load(args.clip, device=proc.device)[0].requires_grad_(False)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
         fail(e)
+    vq.requires_grad_(False)
+    # A run begun with --stage all named its CLIP: stage 2 keeps it unless told to start the prior afresh.
+    if not args.overwrite:
+        runtime.refuse_other_clip(vq_ckpt["args"], vqgan_path, args.clip, args.clip_sha256)
     # The token grid is the VQGAN's: its image size decides it, whatever the preset says.
     if args.image_size not in (None, vq.cfg.image_size):
         fail(f"--image-size {args.image_size} but {vqgan_path} was trained at {vq.cfg.image_size} px; stage 2 "
@@ -494,15 +505,16 @@ def prior_model(cfg, args, embeddings, n_train, ckpt, device):
     return raw_model, opt
 
 
-def train_prior(args, images, fingerprint, proc):
+def train_prior(args, images, proc):
     """Stage 2 on top of OUT/vqgan.pt, from step 0 or (--resume) from the newest checkpoint, up to
     --prior-steps. Writes OUT/prior.pt, OUT/checkpoints/prior_STEP.pt and a grid of held-out images over
     samples from their CLIP image embeddings at every checkpoint, OUT/prior_STEP.png."""
     torch.manual_seed(args.seed + proc.rank)
     vq, vqgan_sha256, clip_model = frozen_models(args, proc)
     stop = runtime.GracefulStop()  # from here on: a signal during the cache build must not wait for all of it
-    tokens, embeddings = runtime.cached_tokens_and_embeddings(images, fingerprint, vq, vqgan_sha256, clip_model,
-                                                              args.clip, args.out, args.workers, stop, proc)
+    tokens, embeddings = runtime.cached_tokens_and_embeddings(images, args.data_fingerprint, vq, vqgan_sha256,
+                                                              clip_model, args.clip_sha256, args.out, args.workers,
+                                                              stop, proc)
     preview, preview_emb, n_holdout = held_out(images, embeddings, vq.cfg.image_size)
     n_train = 2 * (len(images) - n_holdout)  # rows 0..n_train-1 of the cache: the other images and their flips
     batch = global_batch(n_train, "training sequences", args, proc)
@@ -572,10 +584,12 @@ def train_prior(args, images, fingerprint, proc):
                                       rng_extra={"embed": embed_loss.item()}, clip=args.clip,
                                       vqgan=os.path.abspath(os.path.join(args.out, "vqgan.pt")),
                                       vqgan_sha256=vqgan_sha256)
-            guard.last_good = runtime.save_rotating(ckpt, args.out, "prior", step, args.keep_checkpoints, proc)
-            if proc.master:
-                runtime.save_prior_grid(raw_model, vq, preview, preview_emb,
-                                        os.path.join(args.out, f"prior_{step:07d}.png"), args.seed, proc)
+            with runtime.rank0_writes(proc):
+                if proc.master:
+                    runtime.save_rotating(ckpt, args.out, "prior", step, args.keep_checkpoints)
+                    runtime.save_prior_grid(raw_model, vq, preview, preview_emb,
+                                            os.path.join(args.out, f"prior_{step:07d}.png"), args.seed, proc)
+            guard.last_good = os.path.join(args.out, "prior.pt")
         if stopping:
             stop.exit(step, proc)
     if proc.master:
@@ -590,15 +604,17 @@ def train_prior(args, images, fingerprint, proc):
 def main(argv=None):
     args = parse_args(argv)  # a bad command line stops here, before any process group or file exists
     proc = runtime.setup_distributed(args.device)
-    try:
-        images, fingerprint = runtime.scan_data(args.data, args.out, proc)
+    # The CLIP's identity, hashed once: checkpoints record it (with the other arguments) and the cache key uses it.
+    args.clip_sha256 = runtime.clip_sha256(args.clip) if args.stage != "vqgan" else None
+    # One run per folder; out of memory, or a dead process, as one line; the process group left on every path.
+    with runtime.one_run(args.out, proc, args.batch_size, args.grad_accum):
+        images, args.data_fingerprint = runtime.scan_data(args.data, args.out, proc, args.resume,
+                                                          args.accept_changed_data)
         if args.stage in ("vqgan", "all"):
             train_vqgan(args, images, proc)
             runtime.barrier()  # stage 2 on other ranks reads the vqgan.pt that rank 0 has just written
         if args.stage in ("prior", "all"):
-            train_prior(args, images, fingerprint, proc)
-    finally:  # also on an error or a signal's exit, so that tests (and notebooks) can call main again
-        runtime.end_distributed()
+            train_prior(args, images, proc)
 
 
 if __name__ == "__main__":
