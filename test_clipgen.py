@@ -1563,6 +1563,21 @@ def test_a_full_disk_loses_nothing_written_before(scale_setup, tmp_path, monkeyp
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def test_a_new_cache_lists_the_stale_ones(scale_setup, tmp_path, capsys):
+    root, common = scale_setup
+    (tmp_path / "prior_cache_0123456789abcdef").mkdir()  # another VQGAN's, say
+    (tmp_path / "prior_cache_0123456789abcdef" / "tokens_00000.npy").write_bytes(b"\0" * 3_000_000)
+    refs, _ = data.readable_images(str(root / "imgs"))
+    clip_model = clip_loader.load(common[common.index("--clip") + 1])[0]
+    runtime.cached_tokens_and_embeddings(refs[:2], "data", vqgan.VQGAN(TINY).eval(), "vqgan", clip_model, "clip",
+                                         str(tmp_path), 0, runtime.GracefulStop(), CPU)
+    err = capsys.readouterr().err
+    assert "1 older stage-2 cache(s)" in err and "take 3 MB" in err and "prior_cache_0123456789abcdef" in err
+    assert (tmp_path / "prior_cache_0123456789abcdef").exists()  # listed, not deleted: the user decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def test_a_save_reaches_the_disk_before_older_checkpoints_go(tmp_path, monkeypatch):
     """The order that survives a power cut: the new file synced, renamed, its folder synced; the KIND.pt link
     renamed and its folder synced; only then the oldest checkpoint removed."""
