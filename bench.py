@@ -91,11 +91,11 @@ def weights_read_per_token(model):
     return sum(p.numel() * p.element_size() for p in parts)
 
 
-def bench_vqgan(cfg, batch, device, fast, compile_model, warmup, iters, perceptual=True):
-    """Images/s of one full stage-1 step. fast: train.py's settings, channels_last and (on CUDA) bf16 autocast."""
+def bench_vqgan(cfg, batch, device, fast, compile_model, warmup, iters, perceptual=True, precision="fp32"):
+    """Images/s of one full stage-1 step. fast: train.py's settings, channels_last and autocast in `precision`."""
     torch.manual_seed(0)
     fmt = torch.channels_last if fast else torch.contiguous_format
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast and device.type == "cuda")
+    autocast = runtime.autocast(device, precision if fast else "fp32")
     model = vqgan.VQGAN(cfg).to(device, memory_format=fmt)
     disc = vqgan.PatchDiscriminator(cfg).to(device, memory_format=fmt)
     # Random VGG16 weights: the same FLOPs as the real perceptual loss, without a 528 MB download.

@@ -27,6 +27,7 @@ import clip_loader
 import data
 import diffusion
 import prior
+import runtime
 import vqgan
 
 
@@ -84,14 +85,17 @@ PRESETS = {
 class CLIPGen:
     """The three frozen models of a CLIP-GEN run, on one device."""
 
-    def __init__(self, vqgan_model, prior_model, clip_model, device):
+    def __init__(self, vqgan_model, prior_model, clip_model, device, precision="auto"):
         self.vqgan, self.prior, self.clip, self.device = vqgan_model, prior_model, clip_model, device
-        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self.precision = runtime.resolve_precision(precision, device)  # of sampling and decoding; CLIP runs in fp32
+        self.autocast = runtime.autocast(device, self.precision)
 
     @classmethod
-    def from_checkpoint(cls, run, clip=None, device=None):
+    def from_checkpoint(cls, run, clip=None, device=None, precision="auto"):
         """run: a run folder holding vqgan.pt and prior.pt, or a (vqgan_path, prior_path) pair.
-        clip: the CLIP to use; by default the one the prior was trained with (named in prior.pt)."""
+        clip: the CLIP to use; by default the one the prior was trained with (named in prior.pt).
+        precision: one of runtime.PRECISIONS (auto: bf16 on a GPU that has it, fp16 on one that does not, fp32
+        on a CPU)."""
         vqgan_path, prior_path = (os.path.join(run, "vqgan.pt"), os.path.join(run, "prior.pt")) \
             if isinstance(run, (str, os.PathLike)) else run
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -105,7 +109,7 @@ class CLIPGen:
             raise ValueError(f"CLIP {clip or ckpt['clip']!r} makes {clip_model.arch.embed_dim}-d embeddings but the "
                              f"prior was trained on {prior_model.cfg.clip_dim}-d ones (from {ckpt['clip']!r}); "
                              f"use that CLIP or one with the same embedding size")
-        return cls(vqgan_model, prior_model, clip_model, device)
+        return cls(vqgan_model, prior_model, clip_model, device, precision)
 
     # ----- embeddings
 

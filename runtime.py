@@ -122,24 +122,56 @@ def millions(model):
 # with a world size of 1, where every collective below returns at once.
 
 
+# Mixed precision, one choice for training, sampling and benchmarks (--precision). Under autocast, matmuls and
+# convolutions run in the low-precision type and reductions, norms and losses in fp32; the weights and the
+# optimizer stay fp32. fp16's narrow range needs the losses scaled up before backward (a gradient scaler)
+# so that small gradients do not flush to zero; bf16 has fp32's range and needs none.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)  # what a step takes outside fp16: scale, step, update pass through
+
+
+def resolve_precision(choice, device):
+    """--precision -> "fp32", "bf16" or "fp16". auto: bf16 on a GPU that has it (Ampere and later), fp16 on
+    one that does not (V100, T4), fp32 on a CPU, where autocast saves little and costs accuracy."""
+    if choice != "auto":
+        return choice
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(device, precision):
+    """The autocast context of a resolved precision (a no-op for fp32)."""
+    return torch.autocast(device.type, dtype=LOW_PRECISION.get(precision), enabled=precision != "fp32")
+
+
 @dataclass
 class Process:
-    """This process: its rank among `world` processes and its device."""
+    """This process: its rank among `world` processes, its device and its precision (resolved)."""
     rank: int
     world: int
     device: torch.device
+    precision: str = "fp32"
 
     @property
     def master(self):
         return self.rank == 0  # the one process that prints and writes files
 
     def autocast(self):
-        """bf16 autocast on CUDA (matmuls and convolutions in bf16, reductions in fp32); plain fp32 on a CPU."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        return autocast(self.device, self.precision)
+
+    def grad_scaler(self):
+        """A gradient scaler for fp16 (losses scaled up before backward, gradients down before the step, a step
+        skipped when they overflow); a pass-through otherwise."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
 
-def setup_distributed(device_arg):
-    """--device ('auto', 'cpu', 'cuda', 'cuda:N') -> Process. NCCL between GPUs, gloo between CPU processes."""
+def setup_distributed(device_arg, precision="auto"):
+    """--device ('auto', 'cpu', 'cuda', 'cuda:N') and --precision -> Process. NCCL between GPUs, gloo between
+    CPU processes."""
     if device_arg.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {device_arg} but no CUDA device is available; use --device cpu")
     use_cuda = torch.cuda.is_available() and device_arg != "cpu"
@@ -151,12 +183,14 @@ def setup_distributed(device_arg):
         # TF32 matmuls and convolutions: fp32 math at about twice the speed on Ampere and later, with a
         # bf16-like mantissa.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cpu" and precision == "fp16":
+        fail("--precision fp16 is for GPUs; on a CPU use bf16 or fp32")
     if world > 1:
         # A collective that waits longer than this for a peer (a hung process; a dead one is noticed at once)
         # fails, and the run stops with one line instead of hanging. Long enough for the slowest share of
         # the stage-2 cache build, which the other processes wait for.
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    return Process(rank, world, device)
+    return Process(rank, world, device, resolve_precision(precision, device))
 
 
 def lock_run_folder(out, proc):

@@ -69,6 +69,9 @@ def build_parser():
     p.add_argument("--clip", help="CLIP name or path (default: the one the prior was trained with)")
     p.add_argument("--device", default="auto", type=runtime.device_name,
                    help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
+    p.add_argument("--precision", default="auto", choices=runtime.PRECISIONS,
+                   help="of sampling and decoding: 'auto' is bf16 on a GPU that has it, fp16 on one that does not, "
+                        "fp32 on a CPU")
     p.add_argument("--eval-real", metavar="DIR", help="also print CLIP score and Frechet distance to these images")
     return p
 
@@ -124,7 +127,7 @@ def load_run(args):
                  f"  python train.py --data path/to/images --out {args.run}\nor point --run at one.")
     try:
         device = None if args.device == "auto" else args.device  # None: CLIPGen picks CUDA if there is one
-        gen = CLIPGen.from_checkpoint(args.run, clip=args.clip, device=device)
+        gen = CLIPGen.from_checkpoint(args.run, clip=args.clip, device=device, precision=args.precision)
     except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: could not load the run in {args.run!r}: {e}")
     try:

@@ -4,6 +4,7 @@ test_clipgen.py: the test suite. CPU only, no network, small models; run with `p
 Tests check behaviour that can fail: exact token ids, parity with golden values taken from OpenAI's
 reference implementation, equality of code paths, errors on bad input.
 """
+import argparse
 import errno
 import fcntl
 import functools
@@ -1707,6 +1708,80 @@ def test_checkpoints_hold_no_pickled_code(trained_run):
             elif op.name == "STACK_GLOBAL":
                 modules.add([a for o, a, _ in ops[:i] if "UNICODE" in o.name][-2])
         assert modules and modules <= {"torch", "torch._utils", "collections"}, modules
+
+
+# ----- mixed precision: bf16 autocast runs on the CPU too, so its path is tested here, not first on a GPU
+
+BF16 = runtime.Process(0, 1, torch.device("cpu"), "bf16")
+
+
+def assert_tracks(fp32, bf16, rel, what):
+    """Every logged value of a bf16 step within `rel` of the fp32 step's (relative, or absolute near 0)."""
+    for k in fp32:
+        a, b = float(fp32[k]), float(bf16[k])
+        assert math.isfinite(b) and abs(a - b) <= rel * max(abs(a), 0.05), (what, k, a, b)
+
+
+def assert_same_codes(quantizer, z, autocast):
+    """The codebook lookup picks the same codes under `autocast` as in fp32, from the same latents."""
+    with torch.no_grad():
+        reference = quantizer(z)[1]
+        with autocast:
+            assert torch.equal(quantizer(z)[1], reference), "codes flipped"
+
+
+def test_bf16_tracks_fp32_and_would_catch_a_bf16_codebook_lookup(frozen_pair, monkeypatch):
+    """A step of each stage (the GAN on; both priors, the GPT with its embedding loss) in CPU bf16 autocast
+    tracks the same step in fp32, and the KV cache decodes in bf16 as the full fp32 forward does. The
+    codebook lookup, run at the paper's 16,384 codes, picks exactly fp32's codes; the planted bug (its
+    similarities in bf16, as a plain matmul under autocast computes them) flips some, and is caught."""
+    vq, clip_model = frozen_pair
+    quantizer = vqgan.VectorQuantizer(clipgen.PRESETS["paper"].vqgan).eval()
+    z = torch.randn(4, 256, 16, 16)
+    assert_same_codes(quantizer, z, BF16.autocast())
+    monkeypatch.setattr(vqgan.VectorQuantizer, "nearest", staticmethod(lambda flat, codes: (flat @ codes.t()).argmax(1)))
+    with pytest.raises(AssertionError, match="codes flipped"):
+        assert_same_codes(quantizer, z, BF16.autocast())
+    monkeypatch.undo()
+    # Stage 1: generator and discriminator, the adaptive GAN weight's second backward included.
+    images = synthetic_images(4)
+    logs = []
+    for proc in (CPU, BF16):
+        model, disc, opt_g, opt_d = _stage1_parts()
+        recons, step = train.generator_step(model, model, disc, None, opt_g, [images], True, proc.autocast())
+        step["disc"] = train.discriminator_step(disc, disc, opt_d, [images], recons, proc.autocast())
+        logs.append(step)
+    assert_tracks(*logs, rel=0.1, what="stage 1")
+    # Stage 2: the GPT with the embedding loss through the frozen VQGAN and CLIP, then the diffusion prior.
+    tokens, emb = torch.randint(TINY.codebook_size, (4, 64)), torch.randn(4, 32)
+    draws = {"drop": torch.tensor([False, False, True, False]), "noise": torch.randn(4, 32),
+             "t": torch.tensor([1, 30, 60, 100]), "uniform": torch.rand(4, 64),
+             "codes": torch.randint(TINY.codebook_size, (4, 64))}
+    for kind, model_of in (("ar", lambda: tiny_prior(vocab_size=TINY.codebook_size)),
+                           ("diffusion", lambda: tiny_diffusion(vocab_size=TINY.codebook_size, n_tokens=64,
+                                                                clip_dim=32, n_steps=100))):
+        args = argparse.Namespace(prior=kind, pseudo_text_alpha=0.3, embed_loss_weight=0.1 if kind == "ar" else 0,
+                                  aux_loss_weight=1.0, gumbel_tau=1.0, gumbel_hard=False, grad_clip=1.0)
+        logs = []
+        for proc in (CPU, BF16):
+            model = model_of()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            torch.manual_seed(7)  # the Gumbel noise of the embedding loss
+            logs.append(train.prior_step(model, model, opt, [(tokens, emb, draws)], 2, vq, clip_model, args,
+                                         proc.autocast()))
+        assert_tracks(*logs, rel=0.05, what=kind)
+    # KV-cache decoding in bf16 against the full fp32 forward: the same logits, to bf16's precision.
+    model = tiny_prior().eval()
+    tokens, emb = torch.randint(128, (2, 64)), torch.randn(2, 32)
+    with torch.no_grad():
+        full = model(emb, tokens[:, :-1])  # (2, 64, vocab), fp32
+        cache = prior.KVCache(model.cfg.n_layer, model.cfg.n_prefix + model.cfg.n_tokens)
+        with BF16.autocast():
+            steps = [model(emb, tokens[:, :0], cache=cache)] + \
+                [model(emb, tokens[:, t - 1:t], cache=cache) for t in range(1, 64)]
+        cached = torch.cat([s[:, -1:] for s in steps], dim=1).float()
+    assert cache.buffers[0][0].dtype == torch.bfloat16
+    assert (cached - full).abs().max() < 0.05 * full.abs().max(), (cached - full).abs().max()
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path):

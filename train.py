@@ -78,6 +78,9 @@ def build_parser():
     p.add_argument("--accept-changed-data", action="store_true",
                    help="with --resume: train on --data as it is now, though images were added, removed or edited")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (faster on GPU after a warm-up)")
+    p.add_argument("--precision", default="auto", choices=runtime.PRECISIONS,
+                   help="mixed precision: 'auto' is bf16 on a GPU that has it, fp16 (with a gradient scaler) on one "
+                        "that does not, fp32 on a CPU")
     add_stage1_flags(p.add_argument_group("stage 1: VQGAN"))
     add_stage2_flags(p.add_argument_group("stage 2: prior"))
     g = p.add_argument_group("run")
@@ -218,10 +221,11 @@ DEAD_CODE_CHECK_EVERY = 10  # steps between dead-code checks; each one waits for
 
 
 def generator_step(model, raw_model, raw_disc, perceptual, opt_g, micro_batches, gan_on, autocast,
-                   check_dead_codes=True):
+                   check_dead_codes=True, scaler=runtime.NO_SCALER):
     """One update of the encoder, codebook and decoder over micro-batches (gradient accumulation), with
-    vqgan.generator_loss. The discriminator is called unwrapped and frozen, so this step can never change
-    it. Returns the detached reconstructions and a dict of scalar tensors (means over micro-batches)."""
+    vqgan.generator_loss, under `autocast` (and with fp16, its gradient `scaler`). The discriminator is
+    called unwrapped and frozen, so this step can never change it. Returns the detached reconstructions and
+    a dict of scalar tensors (means over micro-batches)."""
     n = len(micro_batches)
     # Frozen, not merely left out of opt_g: it would otherwise collect gradients of the generator's loss.
     raw_disc.requires_grad_(False)
@@ -234,18 +238,19 @@ def generator_step(model, raw_model, raw_disc, perceptual, opt_g, micro_batches,
                 fake_logits = raw_disc(recon) if gan_on else None
                 loss, parts = vqgan.generator_loss(images, recon, codebook_loss, fake_logits,
                                                    raw_model.decoder.conv_out.weight, raw_model.cfg, perceptual)
-            (loss / n).backward()  # a mean over micro-batches: n of them equal one n times larger
+            scaler.scale(loss / n).backward()  # a mean over micro-batches: n of them equal one n times larger
         recons.append(recon.detach())
         parts |= {"psnr": vqgan.psnr(recon.detach(), images),
                   "ppl": vqgan.codebook_perplexity(ids, raw_model.cfg.codebook_size)}
         logs = {k: logs.get(k, 0) + v / n for k, v in parts.items()}
-    opt_g.step()
+    scaler.step(opt_g)
+    scaler.update()
     # After the step, so that a restarted code is not moved by gradients computed for its old value.
     raw_model.quantizer.restart_dead_codes(check=check_dead_codes)
     return recons, logs
 
 
-def discriminator_step(disc, raw_disc, opt_d, micro_batches, recons, autocast):
+def discriminator_step(disc, raw_disc, opt_d, micro_batches, recons, autocast, scaler=runtime.NO_SCALER):
     """One PatchGAN update with the hinge loss; `recons` are detached, so no gradient reaches the VQGAN."""
     raw_disc.requires_grad_(True)
     opt_d.zero_grad(set_to_none=True)
@@ -254,9 +259,10 @@ def discriminator_step(disc, raw_disc, opt_d, micro_batches, recons, autocast):
         with runtime.sync_gradients(disc, i == len(recons) - 1):
             with autocast:
                 d_loss = vqgan.hinge_d_loss(disc(images).float(), disc(recon).float())
-            (d_loss / len(recons)).backward()
+            scaler.scale(d_loss / len(recons)).backward()
         total = total + d_loss.detach() / len(recons)
-    opt_d.step()
+    scaler.step(opt_d)
+    scaler.update()
     return total
 
 
@@ -296,6 +302,10 @@ def train_vqgan(args, images, proc):
     if start >= args.vqgan_steps:  # `--stage all --resume` after stage 1 had finished
         return
     raw_model, raw_disc, perceptual, opt_g, opt_d = vqgan_models(cfg, args, ckpt, proc.device)
+    scaler_g, scaler_d = proc.grad_scaler(), proc.grad_scaler()  # pass-throughs unless fp16
+    if ckpt is not None and "scaler_g" in ckpt:
+        scaler_g.load_state_dict(ckpt["scaler_g"])
+        scaler_d.load_state_dict(ckpt["scaler_d"])
     # Compiled and DDP-wrapped copies do the training; the plain modules are what checkpoints save.
     if args.compile:
         # The adaptive GAN weight differentiates twice through the same graph (retain_graph=True), which
@@ -315,7 +325,7 @@ def train_vqgan(args, images, proc):
         side = cfg.tokens_per_side
         print(f"VQGAN {runtime.millions(raw_model)}M params, discriminator {runtime.millions(raw_disc)}M | "
               f"{len(images)} images, {cfg.image_size}px -> {side}x{side} tokens, codebook {cfg.codebook_size} | "
-              f"device {proc.device} x{proc.world} {'bf16 autocast' if proc.device.type == 'cuda' else 'float32'} | "
+              f"device {proc.device} x{proc.world} {proc.precision} | "
               f"global batch {batch} ({args.batch_size} x {args.grad_accum} accumulation x {proc.world} processes)")
         if ckpt is not None:
             print(f"resuming stage 1 from {ckpt_path} at step {start}")
@@ -334,9 +344,9 @@ def train_vqgan(args, images, proc):
         # the decoder texture noise, and an early discriminator wins too easily to give useful gradients.
         gan_on = step >= args.disc_start
         recons, logs = generator_step(model, raw_model, raw_disc, perceptual, opt_g, micro, gan_on, proc.autocast(),
-                                      check_dead_codes=step % DEAD_CODE_CHECK_EVERY == 0)
-        logs["disc"] = discriminator_step(disc, raw_disc, opt_d, micro, recons, proc.autocast()) if gan_on \
-            else torch.zeros((), device=proc.device)
+                                      step % DEAD_CODE_CHECK_EVERY == 0, scaler_g)
+        logs["disc"] = discriminator_step(disc, raw_disc, opt_d, micro, recons, proc.autocast(), scaler_d) \
+            if gan_on else torch.zeros((), device=proc.device)
         guard.update(logs["loss"], step)  # on the device: no waiting for the GPU on ordinary steps
         step += 1
 
@@ -356,7 +366,8 @@ def train_vqgan(args, images, proc):
             guard.check()
             ckpt = runtime.checkpoint("vqgan", cfg, step, batch, args, proc, model=raw_model.state_dict(),
                                       discriminator=raw_disc.state_dict(), opt_g=opt_g.state_dict(),
-                                      opt_d=opt_d.state_dict())
+                                      opt_d=opt_d.state_dict(), scaler_g=scaler_g.state_dict(),
+                                      scaler_d=scaler_d.state_dict())
             with runtime.rank0_writes(proc):
                 if proc.master:
                     runtime.save_rotating(ckpt, args.out, "vqgan", step, args.keep_checkpoints)
@@ -428,7 +439,8 @@ def step_randomness(seed, step, rows, cfg, cond_drop, proc):
     return {k: v[proc.rank * rows:(proc.rank + 1) * rows] for k, v in draws.items()}
 
 
-def prior_step(model, raw_model, opt, micro_batches, embed_rows, vq, clip_model, args, autocast):
+def prior_step(model, raw_model, opt, micro_batches, embed_rows, vq, clip_model, args, autocast,
+               scaler=runtime.NO_SCALER):
     """One prior update over micro-batches of (tokens (b, n_tokens), embeddings (b, clip_dim), draws: a dict
     of step_randomness's (b, ...) tensors), with the prior's loss: prior.clipgen_loss for the GPT, whose
     embedding-reconstruction loss, when embed_rows > 0, uses the first micro-batch's first embed_rows images;
@@ -454,7 +466,7 @@ def prior_step(model, raw_model, opt, micro_batches, embed_rows, vq, clip_model,
                                                       args.embed_loss_weight, embed_rows if i == 0 else 0, vq,
                                                       clip_model, args.gumbel_tau, args.gumbel_hard)
                     names = ("ce", "embed")
-            (loss / n).backward()
+            scaler.scale(loss / n).backward()
         for name, value in zip(("loss", *names), (loss, *terms)):
             if name == "embed":  # computed on the first micro-batch alone
                 logs.setdefault(name, value.detach())
@@ -462,8 +474,10 @@ def prior_step(model, raw_model, opt, micro_batches, embed_rows, vq, clip_model,
                 logs[name] = logs.get(name, 0) + value.detach() / n
     # Clipped after the backward passes, when DDP has averaged the gradients: every process clips alike.
     if args.grad_clip > 0:
+        scaler.unscale_(opt)  # the norm of the true gradients, not of fp16's scaled ones
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-    opt.step()
+    scaler.step(opt)
+    scaler.update()
     return logs
 
 
@@ -526,6 +540,9 @@ def train_prior(args, images, proc):
     if start >= args.prior_steps:
         return
     raw_model, opt = prior_model(cfg, args, embeddings, n_train, ckpt, proc.device)
+    scaler = proc.grad_scaler()
+    if ckpt is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
     model = runtime.wrap_model(raw_model, args.compile, proc)  # trains; raw_model is what checkpoints save
     if proc.master:
         kind = f"diffusion prior, {cfg.n_steps} steps, adaLN" if args.prior == "diffusion" else \
@@ -533,7 +550,7 @@ def train_prior(args, images, proc):
         print(f"{kind} conditioning: {runtime.millions(raw_model)}M params ({cfg.n_layer} layers, width "
               f"{cfg.n_embd}) | {n_train} training sequences of {cfg.n_tokens} tokens, {n_holdout} images held "
               f"out | CLIP {args.clip} ({cfg.clip_dim}-d) | global batch {batch} = {batch * cfg.n_tokens} "
-              f"tokens/step | lr {args.prior_lr} | device {proc.device} x{proc.world}")
+              f"tokens/step | lr {args.prior_lr} | device {proc.device} x{proc.world} {proc.precision}")
         if ckpt is not None:
             print(f"resuming stage 2 from {ckpt_path} at step {start}")
 
@@ -560,7 +577,7 @@ def train_prior(args, images, proc):
                  for j in range(0, per_rank, args.batch_size)]
         with_embed = args.embed_loss_weight > 0 and step % args.embed_loss_every == 0
         logs = prior_step(model, raw_model, opt, micro, args.embed_loss_batch if with_embed else 0, vq, clip_model,
-                          args, proc.autocast())
+                          args, proc.autocast(), scaler)
         guard.update(logs["loss"], step)
         embed_loss = logs["embed"] if with_embed else embed_loss  # shown until the next one is computed
         step += 1
@@ -581,6 +598,7 @@ def train_prior(args, images, proc):
             # The prior names the CLIP and the VQGAN (by its SHA-256) it was trained with: sample.py needs both.
             ckpt = runtime.checkpoint("prior", cfg, step, batch, args, proc, prior_type=args.prior,
                                       model=raw_model.state_dict(), optimizer=opt.state_dict(),
+                                      scaler=scaler.state_dict(),
                                       rng_extra={"embed": embed_loss.item()}, clip=args.clip,
                                       vqgan=os.path.abspath(os.path.join(args.out, "vqgan.pt")),
                                       vqgan_sha256=vqgan_sha256)
@@ -603,7 +621,7 @@ def train_prior(args, images, proc):
 
 def main(argv=None):
     args = parse_args(argv)  # a bad command line stops here, before any process group or file exists
-    proc = runtime.setup_distributed(args.device)
+    proc = runtime.setup_distributed(args.device, args.precision)
     # The CLIP's identity, hashed once: checkpoints record it (with the other arguments) and the cache key uses it.
     args.clip_sha256 = runtime.clip_sha256(args.clip) if args.stage != "vqgan" else None
     # One run per folder; out of memory, or a dead process, as one line; the process group left on every path.

@@ -178,10 +178,13 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z):  # (B, z_channels, h, w) -> quantized (B, z_channels, h, w), ids (B, h, w), loss
         B, _, h, w = z.shape
-        z = F.normalize(self.proj_in(z), dim=1)  # (B, d, h, w)
+        # The latents that are looked up in fp32 even under autocast (a 1x1 conv, cheap): rounded to bf16's 8
+        # bits of mantissa they would move by more than the gap between neighbouring codes.
+        with torch.autocast(z.device.type, enabled=False):
+            z = F.normalize(self.proj_in(z.float()), dim=1)  # (B, d, h, w)
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*h*w, d)
-        codes = self.codes()
-        ids = (flat @ codes.t()).argmax(dim=1)  # for unit vectors max cosine = min L2 distance
+        codes = self.codes().float()
+        ids = self.nearest(flat, codes)
         q = codes[ids]  # (B*h*w, d)
         # Codebook loss pulls codes to the encoder outputs; commitment loss keeps the encoder near its codes.
         loss = F.mse_loss(q, flat.detach()) + self.cfg.commitment_beta * F.mse_loss(flat, q.detach())
@@ -192,6 +195,14 @@ class VectorQuantizer(nn.Module):
             self.recent_latents = flat.detach()
         q = q.view(B, h, w, -1).permute(0, 3, 1, 2)  # (B*h*w, d) -> (B, d, h, w)
         return self.proj_out(q), ids.view(B, h, w), loss
+
+    @staticmethod
+    def nearest(flat, codes):
+        """(N, d) unit latents, (K, d) unit codes -> (N,) index of the most similar code: for unit vectors the
+        highest cosine is the smallest L2 distance. Always in fp32, autocast or not: in bf16 the cosines of
+        neighbouring codes round to the same value and the argmax picks among them at random."""
+        with torch.autocast(flat.device.type, enabled=False):
+            return (flat.float() @ codes.float().t()).argmax(dim=1)
 
     def embed_ids(self, ids):  # (B, h, w) -> (B, z_channels, h, w)
         return self.proj_out(self.codes()[ids].permute(0, 3, 1, 2))
