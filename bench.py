@@ -36,6 +36,9 @@ from clipgen import PRESETS
 # The peers' shapes (--peers): taming's vqgan_imagenet_f16_1024 and GPT-2 small over one image's tokens.
 PEER_VQGAN = replace(PRESETS["paper"].vqgan, codebook_size=1024)
 PEER_PRIOR = prior.PriorConfig(vocab_size=1024, n_tokens=256, n_layer=12, n_head=12, n_embd=768)
+# A small shape at which nanoGPT's own training step is timed beside ours (RESULTS.md): 4 layers x 256, 64 tokens
+# after the prefix, a 512-entry vocabulary and a 512-d condition.
+SMALL_PEER_PRIOR = prior.PriorConfig(vocab_size=512, n_tokens=64, n_layer=4, n_head=4, n_embd=256, clip_dim=512)
 
 # Published dense (no sparsity) bf16 tensor-core peaks, FLOP/s.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -91,22 +94,26 @@ def weights_read_per_token(model):
     return sum(p.numel() * p.element_size() for p in parts)
 
 
-def bench_vqgan(cfg, batch, device, fast, compile_model, warmup, iters, perceptual=True, precision="fp32"):
-    """Images/s of one full stage-1 step. fast: train.py's settings, channels_last and autocast in `precision`."""
-    torch.manual_seed(0)
+def vqgan_step(cfg, batch, device, precision, compile_model=False, fast=True, perceptual=True, seed=0):
+    """train.py's stage-1 step with the adversarial loss on (the same losses, vqgan.py; one micro-batch, no
+    DDP) on random images, from seed-`seed` weights: -> a function that takes one step and returns the
+    generator's loss. fast: train.py's memory layout (channels_last); autocast in `precision`."""
+    torch.manual_seed(seed)
     fmt = torch.channels_last if fast else torch.contiguous_format
-    autocast = runtime.autocast(device, precision if fast else "fp32")
+    autocast = runtime.autocast(device, precision)
     model = vqgan.VQGAN(cfg).to(device, memory_format=fmt)
     disc = vqgan.PatchDiscriminator(cfg).to(device, memory_format=fmt)
     # Random VGG16 weights: the same FLOPs as the real perceptual loss, without a 528 MB download.
-    perceptual = vqgan.PerceptualLoss(vgg16(weights=None).features).to(device, memory_format=fmt) if perceptual else None
+    perceptual = vqgan.PerceptualLoss(vgg16(weights=None).features).to(device, memory_format=fmt) \
+        if perceptual else None
     opt_g = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, fused=device.type == "cuda")
+    if compile_model:
+        torch._functorch.config.donated_buffer = False  # the adaptive GAN weight backprops twice (train.py)
     wrapped = torch.compile(model) if compile_model else model
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device).mul(2).sub(1)
     images = images.contiguous(memory_format=fmt)
 
-    # train.py's step with the adversarial loss on: the same losses (vqgan.py), one micro-batch, no DDP.
     def step():
         opt_g.zero_grad(set_to_none=True)
         disc.requires_grad_(False)
@@ -122,6 +129,13 @@ def bench_vqgan(cfg, batch, device, fast, compile_model, warmup, iters, perceptu
             d_loss = vqgan.hinge_d_loss(disc(images).float(), disc(recon.detach()).float())
         d_loss.backward()
         opt_d.step()
+        return loss.detach()
+    return step
+
+
+def bench_vqgan(cfg, batch, device, fast, compile_model, warmup, iters, perceptual=True, precision="fp32"):
+    """Images/s of one full stage-1 step (see vqgan_step)."""
+    step = vqgan_step(cfg, batch, device, precision if fast else "fp32", compile_model, fast, perceptual)
     return batch / timed(step, device, warmup, iters)
 
 
@@ -133,16 +147,17 @@ def prior_flops_per_token(cfg):
     return 6 * model_params + 12 * cfg.n_layer * cfg.n_embd * T
 
 
-def bench_prior_train(cfg, batch, device, compile_model, warmup, iters):
-    """Tokens/s of train.py's stage-2 step, for either prior (a PriorConfig or a DiffusionConfig): the GPT's
-    cross-entropy step (the embedding loss runs only every few steps in training), or the diffusion prior's
-    (grids corrupted at random steps, then diffusion_loss)."""
-    torch.manual_seed(0)
+def prior_step(cfg, batch, device, precision, compile_model=False, grad_clip=0.0, seed=0):
+    """train.py's stage-2 step for either prior (a PriorConfig or a DiffusionConfig) on random tokens, from
+    seed-`seed` weights: the GPT's cross-entropy step (the embedding loss runs only every few steps in
+    training), or the diffusion prior's (grids corrupted at random steps, then diffusion_loss); AdamW, and
+    gradient clipping if grad_clip > 0. -> a function that takes one step and returns the loss."""
+    torch.manual_seed(seed)
     is_diffusion = isinstance(cfg, diffusion.DiffusionConfig)
     model = (diffusion.DiffusionPrior if is_diffusion else prior.Prior)(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     wrapped = torch.compile(model) if compile_model else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = runtime.autocast(device, precision)
     tokens = torch.randint(cfg.vocab_size, (batch, cfg.n_tokens), device=device)
     emb = torch.randn(batch, cfg.clip_dim, device=device)
     drop = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -151,22 +166,29 @@ def bench_prior_train(cfg, batch, device, compile_model, warmup, iters):
         x_t = model.schedule.corrupt(tokens, t, torch.rand(tokens.shape, device=device),
                                      torch.randint_like(tokens, cfg.vocab_size))
 
-    def loss():
-        if is_diffusion:
-            return diffusion.diffusion_loss(wrapped(emb, x_t, t, drop), tokens, x_t, t, model.schedule,
-                                            diffusion.AUX_LOSS_WEIGHT)[0]
-        return prior.clipgen_loss(wrapped(emb, tokens[:, :-1], drop), tokens, emb, drop)[0]
-
     def step():
         with autocast:
-            value = loss()
+            if is_diffusion:
+                loss = diffusion.diffusion_loss(wrapped(emb, x_t, t, drop), tokens, x_t, t, model.schedule,
+                                                diffusion.AUX_LOSS_WEIGHT)[0]
+            else:
+                loss = prior.clipgen_loss(wrapped(emb, tokens[:, :-1], drop), tokens, emb, drop)[0]
         opt.zero_grad(set_to_none=True)
-        value.backward()
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
+        return loss.detach()
+    return step
+
+
+def bench_prior_train(cfg, batch, device, compile_model, warmup, iters, precision="fp32", grad_clip=0.0):
+    """Tokens/s of the stage-2 step (see prior_step)."""
+    step = prior_step(cfg, batch, device, precision, compile_model, grad_clip)
     return batch * cfg.n_tokens / timed(step, device, warmup, iters)
 
 
-def bench_sampling(cfg, batch, device, iters, **options):
+def bench_sampling(cfg, batch, device, iters, precision="fp32", **options):
     """Images/s of sampling `batch` grids at once from either prior with random weights: the GPT as load_prior
     sets it up (options: use_cache), or the diffusion prior (options: steps)."""
     torch.manual_seed(0)
@@ -175,7 +197,7 @@ def bench_sampling(cfg, batch, device, iters, **options):
     else:
         model, options = prior.Prior(cfg).to(device).eval().use_matvec_layout(), {"top_k": 100, **options}
     emb = torch.randn(batch, cfg.clip_dim, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = runtime.autocast(device, precision)
 
     def run():
         with autocast:
@@ -184,44 +206,48 @@ def bench_sampling(cfg, batch, device, iters, **options):
 
 
 def size_rows(args, device, vq_cfg, prior_cfg, diff_cfg, vq_batch, prior_batch, peak, warmup):
-    """The project at one --size, with its speed settings."""
-    rows = []
-    fast = bench_vqgan(vq_cfg, vq_batch, device, True, args.compile, warmup, args.iters)
-    rows.append(("vqgan train step" + (" (bf16 + channels_last)" if device.type == "cuda" else " (fp32, channels_last)"),
-                 f"{fast:.1f} img/s", ""))
+    """The project at one --size, with its speed settings in args.precision."""
+    rows, p = [], args.precision
+    fast = bench_vqgan(vq_cfg, vq_batch, device, True, args.compile, warmup, args.iters, precision=p)
+    rows.append((f"vqgan train step ({p}, channels_last)", f"{fast:.1f} img/s", ""))
     if device.type == "cuda":
         slow = bench_vqgan(vq_cfg, vq_batch, device, False, False, 2, args.iters)
         rows.append(("vqgan train step (fp32, default layout, no compile)", f"{slow:.1f} img/s",
                      f"speed-up {fast / slow:.2f}x"))
-    tok_s = bench_prior_train(prior_cfg, prior_batch, device, args.compile, warmup, args.iters)
+    tok_s = bench_prior_train(prior_cfg, prior_batch, device, args.compile, warmup, args.iters, p)
     mfu = tok_s * prior_flops_per_token(prior_cfg) / peak
     rows.append(("prior train step", f"{tok_s:,.0f} tokens/s", f"MFU {mfu:.1%}"))
     # Without the cache every new token re-runs the whole prefix (O(T^2) work for T tokens); with it, one
     # position per step attends to stored keys and values (O(T)).
-    cached = bench_sampling(prior_cfg, args.sample_batch, device, iters=2, use_cache=True)
-    full = bench_sampling(prior_cfg, args.sample_batch, device, iters=1, use_cache=False)
-    rows.append((f"sample {prior_cfg.n_tokens} tokens, KV cache", f"{cached:.2f} img/s", f"{cached / full:.1f}x faster"))
+    cached = bench_sampling(prior_cfg, args.sample_batch, device, iters=2, precision=p, use_cache=True)
+    full = bench_sampling(prior_cfg, args.sample_batch, device, iters=1, precision=p, use_cache=False)
+    rows.append((f"sample {prior_cfg.n_tokens} tokens, KV cache", f"{cached:.2f} img/s",
+                 f"{cached / full:.1f}x faster"))
     rows.append((f"sample {prior_cfg.n_tokens} tokens, full recompute", f"{full:.2f} img/s", ""))
     # The discrete diffusion prior at the same size: no KV cache (every step sees the whole grid), but a
     # fixed number of steps whatever the grid's size.
-    tok_s = bench_prior_train(diff_cfg, prior_batch, device, args.compile, warmup, args.iters)
+    tok_s = bench_prior_train(diff_cfg, prior_batch, device, args.compile, warmup, args.iters, p)
     rows.append(("diffusion prior train step", f"{tok_s:,.0f} tokens/s",
                  f"MFU {tok_s * prior_flops_per_token(diff_cfg) / peak:.1%}"))
     # A quarter of the trained steps, as sample.py --diffusion-steps 25 (all 100 take about 4x as long).
-    img_s = bench_sampling(diff_cfg, args.sample_batch, device, iters=1, steps=diff_cfg.n_steps // 4)
+    img_s = bench_sampling(diff_cfg, args.sample_batch, device, iters=1, precision=p, steps=diff_cfg.n_steps // 4)
     rows.append((f"diffusion prior, sample with {diff_cfg.n_steps // 4} of {diff_cfg.n_steps} steps",
                  f"{img_s:.2f} img/s", ""))
     return rows
 
 
 def peer_rows(device, iters):
-    """The project at the peers' shapes, with train.py's settings but uncompiled (fp32 on a CPU)."""
+    """The project at the peers' shapes, with train.py's settings but uncompiled, in fp32."""
     vq_s = 1 / bench_vqgan(PEER_VQGAN, 1, device, True, False, 1, max(1, iters // 5), perceptual=False)
     rows = [("vqgan train step, taming f16 shape (256 px, batch 1, no perceptual)", f"{vq_s:.2f} s/img", "")]
     for batch in (2, 8):
         tok_s = bench_prior_train(PEER_PRIOR, batch, device, False, 2, iters)
         rows.append((f"prior train step, GPT-2 small shape, batch {batch}", f"{tok_s:,.0f} tokens/s",
                      f"{batch * PEER_PRIOR.n_tokens / tok_s * 1e3:.0f} ms/step"))
+    # nanoGPT's own model and step at a small shape, timed beside this row (RESULTS.md): grad clip 1.0 as theirs.
+    tok_s = bench_prior_train(SMALL_PEER_PRIOR, 16, device, False, 3, iters, grad_clip=1.0)
+    rows.append(("prior train step, 4 x 256, 64 tokens + prefix, vocabulary 512, batch 16", f"{tok_s:,.0f} tokens/s",
+                 f"{16 * SMALL_PEER_PRIOR.n_tokens / tok_s * 1e3:.0f} ms/step"))
     ceiling = matvec_bandwidth(device) / weights_read_per_token(prior.Prior(PEER_PRIOR))
     for batch in (1, 8):
         tok_s = bench_sampling(PEER_PRIOR, batch, device, iters=2, use_cache=True) * PEER_PRIOR.n_tokens
@@ -230,25 +256,87 @@ def peer_rows(device, iters):
     return rows
 
 
+def peak_memory(device):
+    """Peak memory allocated on a GPU since the last reset, in GB (nan on a CPU, which has no such counter)."""
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+
+
+def track(make_step, device, steps, compile_model):
+    """The same training run (the same weights, data and steps) in fp32 and in bf16, eager and, with
+    compile_model, compiled: -> {variant: (losses, seconds per step after the first, peak GB)}."""
+    runs = {}
+    variants = [("fp32", False), ("bf16", False)] + [("bf16", True)] * compile_model
+    for precision, compiled in variants:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step = make_step(precision, compiled)
+        losses = [step().float().item()]  # the first step compiles, and is not timed
+        seconds = timed(lambda: losses.append(step().float().item()), device, 0, steps - 1)
+        runs[f"{precision} {'compiled' if compiled else 'eager'}"] = (losses, seconds, peak_memory(device))
+    return runs
+
+
+def gpu_check(device, size, steps, compile_model, peak):
+    """Every CUDA-only path at once, for the developer who is lent a GPU for a few minutes: stage 1 and both
+    priors at `size`'s shapes for `steps` steps in fp32, bf16 and bf16 compiled (fused Adam on CUDA), then
+    KV-cache sampling in bf16. -> rows of throughput, MFU, peak memory, and how far bf16's losses are from
+    fp32's (relative; compiled against eager too). On a CPU (--device cpu) it is a dry run of the same code."""
+    cfg, gpu = PRESETS[size], device.type == "cuda"
+    vq_batch, batch = (8, 32) if size == "paper" else (4, 8)
+    # The priors model the VQGAN's own tokens: at the paper's size a 16x16 grid of 16,384 codes.
+    n, sizes = cfg.vqgan.tokens_per_side ** 2, dict(n_tokens=cfg.vqgan.tokens_per_side ** 2,
+                                                    vocab_size=cfg.vqgan.codebook_size)
+    prior_cfg, diff_cfg = replace(cfg.prior, **sizes), replace(cfg.diffusion, **sizes)
+    # A CPU dry run leaves out the perceptual network: VGG16 in bf16 is slow on a CPU and adds no code path.
+    parts = [("stage 1, VQGAN + discriminator", vq_batch, "img/s", None,
+              lambda p, c: vqgan_step(cfg.vqgan, vq_batch, device, p, c, perceptual=gpu)),
+             ("stage 2, GPT prior", batch * n, "tokens/s", prior_cfg,
+              lambda p, c: prior_step(prior_cfg, batch, device, p, c, grad_clip=1.0)),
+             ("stage 2, diffusion prior", batch * n, "tokens/s", diff_cfg,
+              lambda p, c: prior_step(diff_cfg, batch, device, p, c, grad_clip=1.0))]
+    rows = []
+    for name, units, unit, flops_cfg, make_step in parts:
+        runs = track(make_step, device, steps, compile_model)
+        reference = runs["fp32 eager"][0]
+        for variant, (losses, seconds, memory) in runs.items():
+            drift = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(reference, losses))
+            mfu = f", MFU {units / seconds * prior_flops_per_token(flops_cfg) / peak:.1%}" if flops_cfg else ""
+            rows.append((f"{name}, {variant}", f"{units / seconds:,.1f} {unit}",
+                         f"loss {losses[-1]:.4f}, {drift:.1%} from fp32{mfu}, peak {memory:.1f} GB"))
+    for sequences in (1, 8):
+        tok_s = bench_sampling(prior_cfg, sequences, device, iters=1, precision="bf16", use_cache=True) * n
+        rows.append((f"sample {n} tokens, KV cache, bf16, batch {sequences}", f"{tok_s:,.1f} tokens/s", ""))
+    return rows
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1], formatter_class=runtime.HelpFormatter)
     p.add_argument("--size", choices=list(PRESETS), help="model size, a preset (default: paper on CUDA, tiny on CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default="auto", choices=runtime.PRECISIONS,
+                   help="of the timed steps: 'auto' is bf16 on a GPU that has it, fp16 on one that does not, fp32 on "
+                        "a CPU")
     p.add_argument("--vqgan-batch", type=runtime.at_least(1), help="images per VQGAN step (default: 8 paper, 4 others)")
     p.add_argument("--prior-batch", type=runtime.at_least(1),
                    help="sequences per prior step (default: 32 paper, 8 others)")
     p.add_argument("--sample-batch", type=runtime.at_least(1), default=8, help="sequences sampled at once")
-    p.add_argument("--iters", type=runtime.at_least(1), default=10, help="timed iterations of each training step")
-    p.add_argument("--compile", action="store_true", help="torch.compile the models")
+    p.add_argument("--iters", type=runtime.at_least(2), default=10,
+                   help="timed iterations of each training step (--gpu-check: steps of each run)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (--gpu-check: also compiled)")
     p.add_argument("--peers", action="store_true",
-                   help="time the peers' shapes (taming's f16 VQGAN, a GPT-2-small prior) instead of --size")
+                   help="time the peers' shapes (taming's f16 VQGAN, GPT-2-small and nanoGPT-small priors) instead "
+                        "of --size")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="run every CUDA path once, fp32 against bf16, eager and (with --compile) compiled, and print "
+                        "speed, MFU, peak memory and how far bf16's losses are from fp32's")
     p.add_argument("--json", help="also write the results to this file")
     return p
 
 
-def main():
-    args = build_parser().parse_args()
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     device = torch.device(args.device)
+    args.precision = runtime.resolve_precision(args.precision, device)
     size = args.size or ("paper" if device.type == "cuda" else "tiny")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -261,11 +349,15 @@ def main():
     warmup = 5 if args.compile else 2
 
     # Each row: (what, value, note); printed as a table and optionally written as JSON.
-    rows = peer_rows(device, args.iters) if args.peers else \
-        size_rows(args, device, vq_cfg, prior_cfg, diff_cfg, vq_batch, prior_batch, peak, warmup)
+    if args.gpu_check:
+        rows = gpu_check(device, size, args.iters, args.compile, peak)
+    elif args.peers:
+        rows = peer_rows(device, args.iters)
+    else:
+        rows = size_rows(args, device, vq_cfg, prior_cfg, diff_cfg, vq_batch, prior_batch, peak, warmup)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device {name} | {'peer shapes' if args.peers else 'size ' + size} | torch {torch.__version__} | "
-          f"compile {args.compile} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+          f"compile {args.compile} | {args.precision} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     if not args.peers:
         print(f"VQGAN {sum(p.numel() for p in vqgan.VQGAN(vq_cfg).parameters()) / 1e6:.1f}M params at "
               f"{vq_cfg.image_size}px, batch {vq_batch} | prior {prior_cfg.n_layer} layers x {prior_cfg.n_embd}, "
@@ -276,8 +368,10 @@ def main():
         print(f"  {what:<{width}}  {value:>18}  {note}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "size": size, "compile": args.compile, "peak_flops": peak,
-                       "results": [dict(zip(("what", "value", "note"), r)) for r in rows]}, f, indent=2)
+            json.dump({"device": name, "size": size, "compile": args.compile, "precision": args.precision,
+                       "peak_flops": peak, "results": [dict(zip(("what", "value", "note"), r)) for r in rows]},
+                      f, indent=2)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1784,6 +1784,19 @@ def test_bf16_tracks_fp32_and_would_catch_a_bf16_codebook_lookup(frozen_pair, mo
     assert (cached - full).abs().max() < 0.05 * full.abs().max(), (cached - full).abs().max()
 
 
+def test_the_gpu_check_dry_runs_on_the_cpu():
+    """bench.py --gpu-check is the one script a developer lent a GPU runs; its CPU dry run (tiny shapes, eager)
+    covers the same code: every part in fp32 and bf16, bf16's losses near fp32's, KV-cache sampling."""
+    rows = bench.main(["--gpu-check", "--device", "cpu", "--size", "tiny", "--iters", "2"])
+    names = [what for what, _, _ in rows]
+    for part in ("stage 1, VQGAN + discriminator", "stage 2, GPT prior", "stage 2, diffusion prior"):
+        assert f"{part}, fp32 eager" in names and f"{part}, bf16 eager" in names
+    drifts = [float(note.split("% from fp32")[0].rsplit(", ", 1)[1]) for _, _, note in rows if "from fp32" in note]
+    assert len(drifts) == 6 and max(drifts) < 5, drifts  # percent
+    assert all(float(value.split()[0].replace(",", "")) > 0 for _, value, _ in rows)
+    assert any("MFU" in note for _, _, note in rows) and names[-1].startswith("sample 64 tokens, KV cache, bf16")
+
+
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
     guard = runtime.NonFiniteGuard(torch.device("cpu"))
     for step, loss in [(1, 0.5), (2, 0.4), (3, float("nan")), (4, float("inf")), (5, 0.3)]:
