@@ -76,16 +76,18 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def download(url, root, sha256):
-    """Fetch `url` into folder `root` unless a file with the right SHA-256 is already there.
+def download(url, root, sha256, offline_hint=None):
+    """Fetch `url` into folder `root` unless a file with the right SHA-256 is already there. `sha256` may be
+    a prefix of it, as torch hub file names carry one ("...-6726825d.pth").
 
     The bytes go to a temp file in the same folder and are renamed into place only after the checksum
-    matches, so an interrupted or corrupted download never leaves a file that looks finished.
+    matches, so an interrupted or corrupted download never leaves a file that looks finished. Offline, the
+    error says what to do instead: `offline_hint`, or how to pass a CLIP file.
     """
     os.makedirs(root, exist_ok=True)
     target = os.path.join(root, os.path.basename(url))
     if os.path.isfile(target):
-        if sha256_of(target) == sha256:
+        if sha256_of(target).startswith(sha256):
             return target
         warnings.warn(f"{target} does not match its SHA-256 checksum; downloading it again")
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".download-", suffix=".part")
@@ -100,14 +102,15 @@ def download(url, root, sha256):
                 done += len(chunk)
                 if total and sys.stderr.isatty():
                     print(f"\rdownloading {url}: {done / total:6.1%}", end="", file=sys.stderr)
-        if digest.hexdigest() != sha256:
+        if not digest.hexdigest().startswith(sha256):
             raise RuntimeError(f"downloaded {url} but its SHA-256 is {digest.hexdigest()}, expected {sha256}; "
                                "the file was discarded. Try again, or download it yourself and pass its path.")
         os.replace(tmp, target)
     except (urllib.error.URLError, OSError) as e:
+        hint = offline_hint or (f"pass its path instead of the name, e.g. clip_loader.load('/path/to/"
+                                f"{os.path.basename(url)}') or --clip /path/to/it")
         raise RuntimeError(f"could not download {url} ({e}). If this machine is offline, fetch the file on "
-                           f"another machine and pass its path instead of the name, e.g. "
-                           f"clip_loader.load('/path/to/{os.path.basename(url)}') or --clip /path/to/it") from None
+                           f"another machine and {hint}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

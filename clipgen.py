@@ -21,7 +21,9 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
 import clip_loader
 import data
@@ -227,22 +229,33 @@ class CLIPGen:
 
     # ----- evaluation
 
-    def evaluate(self, prompts, real_images_dir, results=None, n=4, keep=1, seed=0, **sampling):
-        """CLIP score (100 x cosine of each kept image with its prompt, averaged) and the Frechet distance
-        between CLIP image features of the generated images and of the images in `real_images_dir`.
-        Both use whichever CLIP is loaded, so they compare runs that use the same CLIP; they are not
-        comparable with published Inception-based FID numbers. `results`: the output of an earlier
-        `generate(prompts, ...)` to score instead of generating anew."""
+    def evaluate(self, prompts, real_images_dir, results=None, n=4, keep=1, seed=0, fid=False, fid_blurs=(1, 2),
+                 **sampling):
+        """The kept images against their prompts and against the real images in `real_images_dir`:
+        score_results()' CLIP scores and CLIP-feature Frechet distance (comparable only between runs that use
+        the same CLIP) and, with fid, the FID papers report (Inception features; see fid_scores), and FID-k
+        for each k in fid_blurs. `results`: the output of an earlier `generate(prompts, ...)` to score instead
+        of generating anew."""
         real_refs, _ = data.readable_images(real_images_dir)
         if results is None:
             results = self.generate(prompts, n=n, keep=keep, seed=seed, **sampling)
-        return self.score_results(results, self.embed_pil([data.open_rgb(r) for r in real_refs]))
+        real = [data.open_rgb(r) for r in real_refs]
+        metrics = self.score_results(results, self.embed_pil(real))
+        if fid:
+            metrics |= fid_scores([im for per_prompt in results for im, _ in per_prompt], real, fid_blurs, self.device)
+        return metrics
 
     def score_results(self, results, real_features):
-        """generate()'s results and (M, clip_dim) CLIP features of real images -> evaluate()'s metrics."""
+        """generate()'s results and (M, clip_dim) CLIP features of real images -> the CLIP score both ways
+        papers report it: "clip_score", 100 x max(cos, 0) averaged over the kept images (LAFITE's, and
+        torchmetrics'), "clip_cosine", the plain cosine, and "clip_cosine_best", the best candidate's cosine
+        per prompt (best of N, as reranking keeps it); and the CLIP-feature Frechet distance to the real ones."""
         fake_features = self.embed_pil([im for per_prompt in results for im, _ in per_prompt])
-        scores = [score for per_prompt in results for _, score in per_prompt]
-        return {"clip_score": sum(scores) / len(scores), "frechet_distance": frechet_distance(fake_features, real_features),
+        scores = [score for per_prompt in results for _, score in per_prompt]  # 100 x cosine, as rerank gives
+        return {"clip_score": sum(max(s, 0) for s in scores) / len(scores),
+                "clip_cosine": sum(scores) / len(scores) / 100,
+                "clip_cosine_best": sum(per_prompt[0][1] for per_prompt in results) / len(results) / 100,
+                "frechet_distance": frechet_distance(fake_features, real_features),
                 "n_generated": len(scores), "n_real": len(real_features)}
 
 
@@ -269,6 +282,111 @@ def frechet_distance(a, b):
     sqrt_a = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
     tr_sqrt = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp_min(0).sqrt().sum()
     return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * tr_sqrt).item()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# FID as the papers report it (Heusel et al. 2017): the Frechet distance between Inception-v3 pool3 features
+# of generated and real images, computed with the weights of the TensorFlow graph the first FID code used,
+# which every published number since has used too (CLIP-GEN, LAFITE, CogView; pytorch-fid ported them). That
+# graph differs from torchvision's Inception-v3 in 1,008 classes, no auxiliary head, and the pooling of its
+# mixed blocks: averages that leave the padding out, and a max in the last block.
+
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
+FID_WEIGHTS_SHA256 = "6726825d"  # the prefix of its SHA-256 that the file name carries
+
+
+def _average_without_padding(x):
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+
+class _FIDInceptionA(InceptionA):
+    def _forward(self, x):
+        return [self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_average_without_padding(x))]
+
+
+class _FIDInceptionC(InceptionC):
+    def _forward(self, x):
+        seven = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        double = self.branch7x7dbl_1(x)
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            double = conv(double)
+        return [self.branch1x1(x), seven, double, self.branch_pool(_average_without_padding(x))]
+
+
+class _FIDInceptionE(InceptionE):
+    def __init__(self, in_channels, pool):
+        super().__init__(in_channels)
+        self.pool = pool
+
+    def _forward(self, x):
+        three, double = self.branch3x3_1(x), self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        return [self.branch1x1(x), torch.cat([self.branch3x3_2a(three), self.branch3x3_2b(three)], 1),
+                torch.cat([self.branch3x3dbl_3a(double), self.branch3x3dbl_3b(double)], 1),
+                self.branch_pool(self.pool(x))]
+
+
+class FIDInception(Inception3):
+    """The FID network: (B, 3, H, W) images in [0, 1] -> (B, 2048) pool3 features. Its state dict has
+    torchvision's keys, so FID_WEIGHTS_URL's file loads with one strict load_state_dict."""
+
+    def __init__(self):
+        super().__init__(num_classes=1008, aux_logits=False, init_weights=False)
+        self.Mixed_5b, self.Mixed_5c, self.Mixed_5d = (_FIDInceptionA(c, pool_features=p)
+                                                       for c, p in ((192, 32), (256, 64), (288, 64)))
+        self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e = (_FIDInceptionC(768, channels_7x7=c)
+                                                                      for c in (128, 160, 160, 192))
+        self.Mixed_7b = _FIDInceptionE(1280, _average_without_padding)
+        self.Mixed_7c = _FIDInceptionE(2048, lambda x: F.max_pool2d(x, kernel_size=3, stride=1, padding=1))
+
+    def forward(self, images):
+        # The input as the FID code feeds it: bilinear to 299 x 299, then [0, 1] -> [-1, 1].
+        x = 2 * F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False) - 1  # (B, 3, 299, 299)
+        for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                     "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                     "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"):
+            x = getattr(self, name)(x)
+        return x.flatten(1)  # (B, 2048, 1, 1) -> (B, 2048)
+
+
+def load_fid_inception(device="cpu", download_root=None):
+    """The FID network with its weights (95 MB, downloaded once into clip_loader's cache folder, checked)."""
+    path = clip_loader.download(FID_WEIGHTS_URL, clip_loader.cache_dir(download_root), FID_WEIGHTS_SHA256,
+                                offline_hint=f"put it in {clip_loader.cache_dir(download_root)} (or $CLIPGEN_CACHE)")
+    model = FIDInception()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def inception_features(model, images, batch_size=50):
+    """PIL images of any sizes -> (N, 2048) float64 pool3 features. Each image is resized to 299 x 299 on its
+    own (as the FID code resizes a batch), so images of different sizes can share a batch."""
+    device, features = next(model.parameters()).device, []
+    for start in range(0, len(images), batch_size):
+        x = torch.cat([F.interpolate(TF.to_tensor(im).unsqueeze(0), size=(299, 299), mode="bilinear",
+                                     align_corners=False) for im in images[start:start + batch_size]])
+        features.append(model(x.to(device)).double().cpu())
+    return torch.cat(features)
+
+
+def blurred(images, radius, size=256):
+    """FID-k's inputs (CogView, CLIP-GEN): each image at size x size, blurred by PIL's Gaussian blur of
+    `radius`, which leaves the global layout and takes away the fine detail low-resolution generators lack."""
+    return [im.resize((size, size), Image.BICUBIC).filter(ImageFilter.GaussianBlur(radius)) for im in images]
+
+
+def fid_scores(fake, real, blurs=(1, 2), device="cpu", model=None):
+    """Two lists of PIL images -> {"fid": FID, "fid_K": FID-K for each K in blurs}. A covariance over 2,048
+    features needs many images to be stable: papers use 30,000 generated images (MS-COCO) or 50,000."""
+    model = model or load_fid_inception(device)
+    scores = {"fid": frechet_distance(inception_features(model, fake), inception_features(model, real))}
+    for k in blurs:
+        scores[f"fid_{k}"] = frechet_distance(inception_features(model, blurred(fake, k)),
+                                              inception_features(model, blurred(real, k)))
+    return scores
 
 
 def to_pil(image):

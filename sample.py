@@ -72,7 +72,10 @@ def build_parser():
     p.add_argument("--precision", default="auto", choices=runtime.PRECISIONS,
                    help="of sampling and decoding: 'auto' is bf16 on a GPU that has it, fp16 on one that does not, "
                         "fp32 on a CPU")
-    p.add_argument("--eval-real", metavar="DIR", help="also print CLIP score and Frechet distance to these images")
+    p.add_argument("--eval-real", metavar="DIR", help="also print CLIP scores and the CLIP-feature Frechet distance "
+                                                      "to these images")
+    p.add_argument("--fid", action="store_true", help="with --eval-real: also FID, FID-1 and FID-2 as papers report "
+                                                      "them (downloads the FID Inception weights once, 95 MB)")
     return p
 
 
@@ -94,6 +97,8 @@ def parse_args(argv=None):
         p.error("empty prompt: describe the image you want, e.g. \"a photo of a dog\"")
     if args.eval_real and not args.prompts:
         p.error("--eval-real needs prompts: the CLIP score compares images with their prompts")
+    if args.fid and not args.eval_real:
+        p.error("--fid compares with real images: give them with --eval-real DIR")
     if args.eval_real and not os.path.isdir(args.eval_real):
         p.error(f"--eval-real: {args.eval_real!r} is not a folder")
     if args.keep > args.n:
@@ -189,12 +194,18 @@ def main(argv=None):
     # Evaluation scores the images just written (no second round of sampling).
     if args.eval_real:
         try:
-            metrics = gen.evaluate(args.prompts, args.eval_real, results=results)
+            metrics = gen.evaluate(args.prompts, args.eval_real, results=results, fid=args.fid)
         except ValueError as e:  # too few images for a Frechet distance, or none readable
             sys.exit(f"error: --eval-real: {e}")
+        except RuntimeError as e:  # the FID weights could not be downloaded
+            sys.exit(f"error: --fid: {e}")
         print(f"evaluation with {args.clip or 'the training CLIP'} ({metrics['n_generated']} generated, "
-              f"{metrics['n_real']} real images): CLIP score {metrics['clip_score']:.2f}, "
-              f"CLIP-feature Frechet distance {metrics['frechet_distance']:.4f}")
+              f"{metrics['n_real']} real images): CLIP score {metrics['clip_score']:.2f} (cosine "
+              f"{metrics['clip_cosine']:.4f}, best of {args.n} {metrics['clip_cosine_best']:.4f}), CLIP-feature "
+              f"Frechet distance {metrics['frechet_distance']:.4f}")
+        if args.fid:
+            print(f"FID {metrics['fid']:.2f}, FID-1 {metrics['fid_1']:.2f}, FID-2 {metrics['fid_2']:.2f} (Inception "
+                  f"pool3 features; a stable FID needs thousands of images per side)")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 import bench
@@ -1192,7 +1194,11 @@ def test_frechet_distance_and_evaluate(trained_run):
     results = gen.generate(prompts, n=2, keep=1)
     metrics = gen.evaluate(prompts, str(trained_run / "imgs"), results=results)
     assert metrics["n_generated"] == 3 and metrics["n_real"] == 14  # the corrupt file is skipped
-    assert metrics["clip_score"] == pytest.approx(sum(r[0][1] for r in results) / 3)
+    # The CLIP score both ways papers give it: 100 x max(cos, 0) (LAFITE), and the plain cosine, per kept sample
+    # and of the best candidate (here the one kept).
+    scores = [r[0][1] for r in results]
+    assert metrics["clip_score"] == pytest.approx(sum(max(s, 0) for s in scores) / 3)
+    assert metrics["clip_cosine"] == pytest.approx(sum(scores) / 300) == metrics["clip_cosine_best"]
     real = gen.embed_pil([data.open_rgb(r) for r in data.readable_images(str(trained_run / "imgs"))[0]])
     fake = gen.embed_pil([r[0][0] for r in results])
     assert metrics["frechet_distance"] == pytest.approx(clipgen.frechet_distance(fake, real))
@@ -2068,7 +2074,7 @@ def test_textures_readout_reads_the_worlds_images_and_can_be_wrong():
     assert world.read(x[0]) == ("stripes", "red") and world.read(x[1]) == ("checks", "blue")
     assert world.read(x[0].flip(0)) == ("stripes", "blue")  # RGB -> BGR: red becomes blue
     assert world.read(x[0].transpose(1, 2))[0] != "stripes"  # stripes on their side are another pattern
-    blurred = torch.nn.functional.avg_pool2d(x[1:2], 5, stride=1, padding=2, count_include_pad=False)[0]
+    blurred = F.avg_pool2d(x[1:2], 5, stride=1, padding=2, count_include_pad=False)[0]
     assert world.read(blurred)[0] != "checks"  # checks smeared to their mean tone are no checks
 
 
@@ -2164,6 +2170,87 @@ def test_diagnose_scores_each_condition_and_the_best_k_apart(monkeypatch):
 
 
 # ===========================================================================================================
+# FID as the papers report it: the FID Inception against pytorch-fid's, and the metric itself
+
+
+def random_fid_state_dict(seed=0):
+    """Weights for the FID Inception from one generator, in its state dict's order: convolutions scaled by
+    their fan-in, batch-norm statistics and affine terms away from identity, so every layer matters."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in clipgen.FIDInception().state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = value
+        elif key.endswith("running_var") or (key.endswith(".weight") and value.dim() == 1):
+            state[key] = 0.5 + torch.rand(value.shape, generator=g)
+        elif value.dim() == 1:
+            state[key] = 0.1 * torch.randn(value.shape, generator=g)
+        else:
+            state[key] = torch.randn(value.shape, generator=g) / math.sqrt(value[0].numel())
+    return state
+
+
+def FID_IMAGES():
+    """Noise and a smooth colour ramp, 64 x 80: not square and not 299 px, so the resize is part of the test."""
+    ramp = torch.linspace(0, 1, 80).expand(3, 64, 80) * torch.tensor([1.0, 0.5, 0.2]).view(3, 1, 1)
+    return torch.stack([torch.rand(3, 64, 80, generator=torch.Generator().manual_seed(1)), ramp])
+
+
+# From pytorch-fid 0.3.0: `PYTHONPATH=DIR python test_clipgen.py --fid` (see golden_fid_values).
+FID_GOLDEN = {"entries": 566, "weights": 23885486, "features":
+              [[0.0, 0.063511, 0.0, 0.011018, 0.126298, 0.121082], [0.0, 0.064428, 0.0, 0.010936, 0.125977, 0.122583]],
+              "sums": [179.7569, 179.7202]}
+
+
+@pytest.fixture(scope="module")
+def fid_model():
+    model = clipgen.FIDInception()
+    model.load_state_dict(random_fid_state_dict())
+    return model.eval()
+
+
+def test_fid_inception_matches_pytorch_fid(fid_model):
+    """The same 566 state-dict entries and 23.9M weights as pytorch-fid's FID Inception (so its released file
+    loads strictly), and, under the same random weights, its pool3 features of two images."""
+    ours = golden_fid_values(use_pytorch_fid=False, model=fid_model)
+    assert ours["entries"] == FID_GOLDEN["entries"] and ours["weights"] == FID_GOLDEN["weights"]
+    assert np.allclose(ours["features"], FID_GOLDEN["features"], rtol=1e-4, atol=1e-5)
+    assert np.allclose(ours["sums"], FID_GOLDEN["sums"], rtol=1e-4)
+
+
+def test_fid_and_fid_k_are_the_frechet_distance_of_inception_features(fid_model, monkeypatch):
+    model = fid_model
+    monkeypatch.setattr(clipgen, "load_fid_inception", lambda device="cpu": pytest.fail("no download here"))
+    g = torch.Generator().manual_seed(3)
+    to_pil = lambda x: Image.fromarray((x.permute(1, 2, 0) * 255).round().byte().numpy())
+    fake = [to_pil(torch.rand(3, 48, 48, generator=g)) for _ in range(2)]
+    real = [to_pil(torch.rand(3, 40 + 8 * i, 56, generator=g) * 0.5) for i in range(2)]  # other sizes, darker
+    scores = clipgen.fid_scores(fake, real, blurs=(), model=model)
+    # A direct computation: features by hand, then |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)) by another
+    # route than clipgen's: with S_a = A'A / (n-1) and S_b = B'B / (m-1) (A, B the centred features), the
+    # square root's trace is the sum of the singular values of A B' / sqrt((n-1)(m-1)), a small matrix.
+    x = torch.cat([F.interpolate(TF.to_tensor(im)[None], size=(299, 299), mode="bilinear") for im in fake + real])
+    with torch.no_grad():
+        a, b = model(x).double().split(2)
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    tr_sqrt = torch.linalg.svdvals(ac @ bc.T).sum() / math.sqrt((len(a) - 1) * (len(b) - 1))
+    direct = ((a.mean(0) - b.mean(0)) ** 2).sum() + (ac ** 2).sum() / (len(a) - 1) + (bc ** 2).sum() / (len(b) - 1) \
+        - 2 * tr_sqrt
+    assert scores["fid"] == pytest.approx(direct.item(), rel=1e-3)
+    # FID-k is the same distance between both sets blurred (radius k) at 256 px: checked with a cheap stand-in
+    # for the Inception features (the images' mean colour and its square).
+    stand_in = lambda model, ims, batch_size=50: torch.tensor([[c, c * c] for im in ims
+                                                               for c in np.asarray(im, float).mean((0, 1))]).view(
+        len(ims), -1).double()
+    monkeypatch.setattr(clipgen, "inception_features", stand_in)
+    scores = clipgen.fid_scores(fake, real, blurs=(2,), model=model)
+    assert scores["fid_2"] == pytest.approx(clipgen.frechet_distance(stand_in(None, clipgen.blurred(fake, 2)),
+                                                                    stand_in(None, clipgen.blurred(real, 2))))
+    assert scores["fid_2"] != pytest.approx(scores["fid"])
+    assert clipgen.blurred(fake[:1], 2)[0].size == (256, 256)
+
+
+# ===========================================================================================================
 # Regenerating the golden values: `python test_clipgen.py` recomputes GOLDEN_TOKENS and GOLDEN_EMBEDDINGS
 # with OpenAI's reference package (pip install --no-deps --target /tmp/ref openai-clip tqdm, then
 # PYTHONPATH=/tmp/ref python test_clipgen.py) and prints them; `--ours` computes them with clip_loader.
@@ -2194,7 +2281,33 @@ def golden_values(use_openai):
     return tokens, embeddings
 
 
+def golden_fid_values(use_pytorch_fid, model=None):
+    """FID_GOLDEN: pytorch-fid's FID Inception (pip install --no-deps --target DIR pytorch-fid, then PYTHONPATH=DIR
+    python test_clipgen.py --fid) or ours (--fid --ours) with random_fid_state_dict's weights: the number of
+    state-dict entries and weights, and the first pool3 features of two fixed images."""
+    state = random_fid_state_dict()
+    if use_pytorch_fid:
+        import pytorch_fid.inception as reference
+        reference.load_state_dict_from_url = lambda *args, **kwargs: state  # its weights, not the download
+        model = reference.InceptionV3([reference.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+        features = lambda x: model(x)[0].flatten(1)
+        shapes = reference.fid_inception_v3().state_dict()
+    else:
+        if model is None:
+            model = clipgen.FIDInception()
+            model.load_state_dict(state)
+        features, shapes = model.eval(), model.state_dict()
+    with torch.no_grad():
+        out = features(FID_IMAGES())
+    return {"entries": len(shapes), "weights": sum(v.numel() for v in shapes.values()),
+            "features": [[round(v, 6) for v in row[:6].tolist()] for row in out],
+            "sums": [round(v, 4) for v in out.sum(1).tolist()]}
+
+
 if __name__ == "__main__":
+    if "--fid" in sys.argv:
+        print("FID_GOLDEN = " + json.dumps(golden_fid_values(use_pytorch_fid="--ours" not in sys.argv)))
+        sys.exit()
     tokens, embeddings = golden_values(use_openai="--ours" not in sys.argv)
     print("GOLDEN_TOKENS = [\n" + "".join(f"    ({t!r}, {ids}),\n" for t, ids in tokens) + "]")
     print("GOLDEN_EMBEDDINGS = " + json.dumps(embeddings, indent=4))
