@@ -1,8 +1,12 @@
 """
 runtime.py: the plumbing of a training run, so that train.py can tell the story of the two stages.
 
+  - command-line types shared by the scripts, which refuse a bad value naming its flag;
+  - mixed precision (--precision): one autocast helper for training, sampling and benchmarks;
   - processes: this process's rank, world size and device (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK),
     DDP wrapping, and the few collectives the loops need (broadcast, gather, mean over ranks);
+  - one run per folder (an OS lock), and the faults a long run meets turned into one line each: out of
+    memory, a dead process under torchrun, a full disk (every write is synced before older files go);
   - the data scan: which images --data names, checked once and remembered in OUT/manifest.json;
   - stage 2's cache of every image's tokens and embedding: its key, and its build over the processes;
   - checkpoints: written atomically, the newest K kept, the newest readable one found on --resume, and a
