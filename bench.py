@@ -358,7 +358,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device {name} | {'peer shapes' if args.peers else 'size ' + size} | torch {torch.__version__} | "
           f"compile {args.compile} | {args.precision} | peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
-    if not args.peers:
+    if not (args.peers or args.gpu_check):
         print(f"VQGAN {sum(p.numel() for p in vqgan.VQGAN(vq_cfg).parameters()) / 1e6:.1f}M params at "
               f"{vq_cfg.image_size}px, batch {vq_batch} | prior {prior_cfg.n_layer} layers x {prior_cfg.n_embd}, "
               f"batch {prior_batch} x {prior_cfg.n_tokens} tokens, {prior_flops_per_token(prior_cfg) / 1e9:.2f} "
