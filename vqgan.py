@@ -15,6 +15,7 @@ re-initialised from recent encoder outputs.
     python train.py --data imgs/ --stage vqgan            # trains this model
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +145,11 @@ class Decoder(nn.Module):
         return self.conv_out(self.layers(z))
 
 
+def full_precision(device):
+    """A region where autocast is off (on devices that have autocast; the meta device has none)."""
+    return torch.autocast(device.type, enabled=False) if torch.amp.is_autocast_available(device.type) else nullcontext()
+
+
 def codebook_perplexity(ids, codebook_size):
     """exp(entropy) of the code histogram: the number of codes in effective use in this batch
     (equal to k when k codes are used equally often)."""
@@ -180,7 +186,7 @@ class VectorQuantizer(nn.Module):
         B, _, h, w = z.shape
         # The latents that are looked up in fp32 even under autocast (a 1x1 conv, cheap): rounded to bf16's 8
         # bits of mantissa they would move by more than the gap between neighbouring codes.
-        with torch.autocast(z.device.type, enabled=False):
+        with full_precision(z.device):
             z = F.normalize(self.proj_in(z.float()), dim=1)  # (B, d, h, w)
         flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B*h*w, d)
         codes = self.codes().float()
@@ -201,7 +207,7 @@ class VectorQuantizer(nn.Module):
         """(N, d) unit latents, (K, d) unit codes -> (N,) index of the most similar code: for unit vectors the
         highest cosine is the smallest L2 distance. Always in fp32, autocast or not: in bf16 the cosines of
         neighbouring codes round to the same value and the argmax picks among them at random."""
-        with torch.autocast(flat.device.type, enabled=False):
+        with full_precision(flat.device):
             return (flat.float() @ codes.float().t()).argmax(dim=1)
 
     def embed_ids(self, ids):  # (B, h, w) -> (B, z_channels, h, w)
