@@ -266,11 +266,12 @@ def discriminator_step(disc, raw_disc, opt_d, micro_batches, recons, autocast, s
     return total
 
 
-def vqgan_models(cfg, args, ckpt, device):
-    """The VQGAN, its discriminator, the perceptual loss (or None) and their Adam optimizers (beta1 = 0.5, as
-    taming: GAN training is unstable with more momentum), restored from `ckpt` if resuming. channels_last
-    (NHWC) lets cuDNN use tensor-core convolutions without layout transposes, and saves oneDNN its layout
-    reorders on a CPU."""
+def vqgan_models(cfg, args, ckpt, proc):
+    """The VQGAN, its discriminator, the perceptual loss (or None), their Adam optimizers (beta1 = 0.5, as
+    taming: GAN training is unstable with more momentum) and gradient scalers (pass-throughs unless fp16),
+    restored from `ckpt` if resuming. channels_last (NHWC) lets cuDNN use tensor-core convolutions without
+    layout transposes, and saves oneDNN its layout reorders on a CPU."""
+    device = proc.device
     raw_model = vqgan.VQGAN(cfg).to(device, memory_format=torch.channels_last)
     raw_disc = vqgan.PatchDiscriminator(cfg).to(device, memory_format=torch.channels_last)
     perceptual = None
@@ -282,10 +283,14 @@ def vqgan_models(cfg, args, ckpt, device):
     fused = device.type == "cuda"
     opt_g = torch.optim.Adam(raw_model.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9), fused=fused)
     opt_d = torch.optim.Adam(raw_disc.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9), fused=fused)
+    scalers = proc.grad_scaler(), proc.grad_scaler()
     if ckpt is not None:
-        for module, key in ((raw_model, "model"), (raw_disc, "discriminator"), (opt_g, "opt_g"), (opt_d, "opt_d")):
-            module.load_state_dict(ckpt[key])
-    return raw_model, raw_disc, perceptual, opt_g, opt_d
+        for part, key in ((raw_model, "model"), (raw_disc, "discriminator"), (opt_g, "opt_g"), (opt_d, "opt_d")):
+            part.load_state_dict(ckpt[key])
+        for scaler, key in zip(scalers, ("scaler_g", "scaler_d")):
+            if key in ckpt:  # checkpoints from before --precision hold none
+                scaler.load_state_dict(ckpt[key])
+    return raw_model, raw_disc, perceptual, opt_g, opt_d, *scalers
 
 
 def train_vqgan(args, images, proc):
@@ -301,11 +306,7 @@ def train_vqgan(args, images, proc):
     ckpt, ckpt_path, cfg, start = resume_point(args, "vqgan", cfg, batch, proc)
     if start >= args.vqgan_steps:  # `--stage all --resume` after stage 1 had finished
         return
-    raw_model, raw_disc, perceptual, opt_g, opt_d = vqgan_models(cfg, args, ckpt, proc.device)
-    scaler_g, scaler_d = proc.grad_scaler(), proc.grad_scaler()  # pass-throughs unless fp16
-    if ckpt is not None and "scaler_g" in ckpt:
-        scaler_g.load_state_dict(ckpt["scaler_g"])
-        scaler_d.load_state_dict(ckpt["scaler_d"])
+    raw_model, raw_disc, perceptual, opt_g, opt_d, scaler_g, scaler_d = vqgan_models(cfg, args, ckpt, proc)
     # Compiled and DDP-wrapped copies do the training; the plain modules are what checkpoints save.
     if args.compile:
         # The adaptive GAN weight differentiates twice through the same graph (retain_graph=True), which
@@ -501,9 +502,10 @@ def held_out(images, embeddings, image_size):
     return preview, data.read_rows(embeddings, [2 * i for i in ids]), n_holdout
 
 
-def prior_model(cfg, args, embeddings, n_train, ckpt, device):
-    """The prior (--prior) and its AdamW optimizer, restored from `ckpt` if resuming. The training images'
-    mean embedding is stored in the model, for --remove-mean."""
+def prior_model(cfg, args, embeddings, n_train, ckpt, proc):
+    """The prior (--prior), its AdamW optimizer and gradient scaler (a pass-through unless fp16), restored from
+    `ckpt` if resuming. The training images' mean embedding is stored in the model, for --remove-mean."""
+    device = proc.device
     raw_model = (diffusion.DiffusionPrior if args.prior == "diffusion" else prior.Prior)(cfg).to(device)
     raw_model.embedding_mean.copy_(embeddings.mean_of_unit_rows(n_train))
     # Weight decay on matrices only; biases, norms and vectors are left alone (as in nanoGPT).
@@ -513,10 +515,13 @@ def prior_model(cfg, args, embeddings, n_train, ckpt, device):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.prior_lr, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
+    scaler = proc.grad_scaler()
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-    return raw_model, opt
+        if "scaler" in ckpt:  # checkpoints from before --precision hold none
+            scaler.load_state_dict(ckpt["scaler"])
+    return raw_model, opt, scaler
 
 
 def train_prior(args, images, proc):
@@ -539,10 +544,7 @@ def train_prior(args, images, proc):
              f"pair the prior with other tokens. Train the prior into a new --out")
     if start >= args.prior_steps:
         return
-    raw_model, opt = prior_model(cfg, args, embeddings, n_train, ckpt, proc.device)
-    scaler = proc.grad_scaler()
-    if ckpt is not None and "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
+    raw_model, opt, scaler = prior_model(cfg, args, embeddings, n_train, ckpt, proc)
     model = runtime.wrap_model(raw_model, args.compile, proc)  # trains; raw_model is what checkpoints save
     if proc.master:
         kind = f"diffusion prior, {cfg.n_steps} steps, adaLN" if args.prior == "diffusion" else \
