@@ -88,7 +88,8 @@ class CLIPGen:
     """The three frozen models of a CLIP-GEN run, on one device."""
 
     def __init__(self, vqgan_model, prior_model, clip_model, device, precision="auto"):
-        self.vqgan, self.prior, self.clip, self.device = vqgan_model, prior_model, clip_model, device
+        self.vqgan, self.prior, self.clip = vqgan_model, prior_model, clip_model
+        self.device = device = torch.device(device)  # "cpu" or "cuda:1" as well as a torch.device
         self.precision = runtime.resolve_precision(precision, device)  # of sampling and decoding; CLIP runs in fp32
         self.autocast = runtime.autocast(device, self.precision)
 
