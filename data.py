@@ -419,3 +419,16 @@ def read_rows(array, rows):
     """Rows of a cache array as a tensor: token ids as int64 (what nn.Embedding takes), embeddings as fp32."""
     out = array[rows]
     return torch.from_numpy(out.astype(np.float32 if out.dtype == np.float16 else np.int64))
+
+
+HOLDOUT_IMAGES = 4  # images kept out of stage-2 training, shown in its grids (at most a fifth of the images)
+
+
+def held_out_preview(images, embeddings, image_size):
+    """The last HOLDOUT_IMAGES images (at most a fifth), which stage 2 never trains on. -> (their center crops
+    (n, 3, S, S), their CLIP embeddings (n, clip_dim) from the cache, whose rows 2i and 2i + 1 are image i and
+    its mirror image, how many are held out). A data set too small to spare any shows training images."""
+    n_holdout = min(HOLDOUT_IMAGES, len(images) // 5)
+    ids = range(len(images) - n_holdout, len(images)) if n_holdout else range(min(HOLDOUT_IMAGES, len(images)))
+    preview = torch.stack([ImageFolder(images, image_size)[i] for i in ids])
+    return preview, read_rows(embeddings, [2 * i for i in ids]), n_holdout

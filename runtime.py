@@ -247,9 +247,13 @@ def one_run(out, proc, batch_size, grad_accum):
         end_distributed()
 
 
-def wrap_model(model, compile_model, proc):
-    """Optionally compile, then wrap in DDP. The caller keeps the plain module for saving."""
+def wrap_model(model, compile_model, proc, double_backward=False):
+    """Optionally compile, then wrap in DDP. The caller keeps the plain module for saving. double_backward: its
+    loss is differentiated twice through one graph (retain_graph=True), which compiled backward passes that
+    reuse ("donate") their saved buffers forbid, so they keep them."""
     if compile_model:
+        if double_backward:
+            torch._functorch.config.donated_buffer = False
         model = torch.compile(model)
     if proc.world > 1:
         model = DDP(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
@@ -490,6 +494,16 @@ def save_rotating(obj, out, kind, step, keep):
     folder = os.path.join(out, "checkpoints")
     for old in sorted(f for f in os.listdir(folder) if f.startswith(kind + "_"))[:-keep]:
         os.remove(os.path.join(folder, old))
+
+
+def save_checkpoint(ckpt, out, kind, step, keep, proc, draw_grid):
+    """Rank 0 writes the checkpoint (save_rotating), then its sample grid with draw_grid(OUT/KIND_STEP.png);
+    a failed write stops every process (rank0_writes). -> OUT/KIND.pt, now the newest readable checkpoint."""
+    with rank0_writes(proc):
+        if proc.master:
+            save_rotating(ckpt, out, kind, step, keep)
+            draw_grid(os.path.join(out, f"{kind}_{step:07d}.png"))
+    return os.path.join(out, f"{kind}.pt")
 
 
 def write_and_link(obj, out, kind, step):

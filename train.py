@@ -197,16 +197,20 @@ def global_batch(n_items, what, args, proc):
     return size
 
 
-def resume_point(args, kind, cfg, batch, proc):
+def resume_point(args, kind, cfg, batch, proc, vqgan_sha256=None):
     """-> (checkpoint, its path, the config to build, the first step): with --resume, the newest readable
-    checkpoint of `kind`, once its flags are known to build the same model and feed the same data; else a
-    fresh start from `cfg`. The run describes itself: the model is rebuilt from the config it saved."""
+    checkpoint of `kind`, once its flags are known to build the same model and feed the same data (and, for
+    the prior, the VQGAN to be the one it was trained on); else a fresh start from `cfg`. The run describes
+    itself: the model is rebuilt from the config it saved."""
     ckpt, path = runtime.latest_checkpoint(args.out, kind, proc) if args.resume else (None, None)
     if ckpt is None:
         return None, None, cfg, 0
     fingerprint = None if args.accept_changed_data else args.data_fingerprint
     runtime.refuse_changed_run(ckpt, path, asdict(cfg), args.prior, args.preset, args.seed, batch,
                                (args.clip, args.clip_sha256), fingerprint)
+    if vqgan_sha256 is not None and ckpt["vqgan_sha256"] != vqgan_sha256:
+        fail(f"{os.path.join(args.out, 'vqgan.pt')} is not the VQGAN {path} was trained with; resuming would "
+             f"pair the prior with other tokens. Train the prior into a new --out")
     return ckpt, path, type(cfg)(**ckpt["config"]), ckpt["step"]
 
 
@@ -238,7 +242,8 @@ def generator_step(model, raw_model, raw_disc, perceptual, opt_g, micro_batches,
                 fake_logits = raw_disc(recon) if gan_on else None
                 loss, parts = vqgan.generator_loss(images, recon, codebook_loss, fake_logits,
                                                    raw_model.decoder.conv_out.weight, raw_model.cfg, perceptual)
-            scaler.scale(loss / n).backward()  # a mean over micro-batches: n of them equal one n times larger
+            # A mean over micro-batches: n of them equal one n times larger.
+            scaler.scale(loss / n).backward()
         recons.append(recon.detach())
         parts |= {"psnr": vqgan.psnr(recon.detach(), images),
                   "ppl": vqgan.codebook_perplexity(ids, raw_model.cfg.codebook_size)}
@@ -304,15 +309,14 @@ def train_vqgan(args, images, proc):
     cfg = replace(cfg, image_size=args.image_size or cfg.image_size)  # the convolutions take any multiple
     batch = global_batch(len(images), "images", args, proc)
     ckpt, ckpt_path, cfg, start = resume_point(args, "vqgan", cfg, batch, proc)
-    if start >= args.vqgan_steps:  # `--stage all --resume` after stage 1 had finished
+    # Nothing left to do: `--stage all --resume` after stage 1 had finished.
+    if start >= args.vqgan_steps:
         return
     raw_model, raw_disc, perceptual, opt_g, opt_d, scaler_g, scaler_d = vqgan_models(cfg, args, ckpt, proc)
-    # Compiled and DDP-wrapped copies do the training; the plain modules are what checkpoints save.
-    if args.compile:
-        # The adaptive GAN weight differentiates twice through the same graph (retain_graph=True), which
-        # compiled backward passes that reuse ("donate") their saved buffers forbid; keep them.
-        torch._functorch.config.donated_buffer = False
-    model, disc = (runtime.wrap_model(m, args.compile, proc) for m in (raw_model, raw_disc))
+    # Compiled and DDP-wrapped copies do the training; the plain modules are what checkpoints save. The
+    # adaptive GAN weight differentiates the generator's loss twice through one graph.
+    model = runtime.wrap_model(raw_model, args.compile, proc, double_backward=True)
+    disc = runtime.wrap_model(raw_disc, args.compile, proc)
 
     # Data: this process's share of each step's images from step `start` on, decoded and augmented by worker
     # processes in parallel with the step; pinned memory lets the copy to the GPU run asynchronously.
@@ -320,7 +324,9 @@ def train_vqgan(args, images, proc):
     sampler = data.StepSampler(len(images), batch // proc.world, proc.rank, proc.world, args.seed, start)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
                         pin_memory=proc.device.type == "cuda", persistent_workers=args.workers > 0)
-    batches = iter(loader)  # before the random state is restored: creating the iterator draws a seed
+    # Before the random state is restored: creating the iterator draws a seed.
+    batches = iter(loader)
+    # The same images in every checkpoint's grid, so that the grids show the tokenizer learning.
     preview = torch.stack([dataset[i] for i in range(min(PREVIEW_IMAGES, len(images)))])
     if proc.master:
         side = cfg.tokens_per_side
@@ -348,7 +354,8 @@ def train_vqgan(args, images, proc):
                                       step % DEAD_CODE_CHECK_EVERY == 0, scaler_g)
         logs["disc"] = discriminator_step(disc, raw_disc, opt_d, micro, recons, proc.autocast(), scaler_d) \
             if gan_on else torch.zeros((), device=proc.device)
-        guard.update(logs["loss"], step)  # on the device: no waiting for the GPU on ordinary steps
+        # Checked on the device: ordinary steps do not wait for the GPU.
+        guard.update(logs["loss"], step)
         step += 1
 
         # Logging is the one place a step waits for the GPU (.tolist() in mean_over_ranks), so it is rare.
@@ -369,12 +376,9 @@ def train_vqgan(args, images, proc):
                                       discriminator=raw_disc.state_dict(), opt_g=opt_g.state_dict(),
                                       opt_d=opt_d.state_dict(), scaler_g=scaler_g.state_dict(),
                                       scaler_d=scaler_d.state_dict())
-            with runtime.rank0_writes(proc):
-                if proc.master:
-                    runtime.save_rotating(ckpt, args.out, "vqgan", step, args.keep_checkpoints)
-                    grid = os.path.join(args.out, f"vqgan_{step:07d}.png")
-                    runtime.save_vqgan_grid(raw_model, preview, grid, proc.device)
-            guard.last_good = os.path.join(args.out, "vqgan.pt")
+            guard.last_good = runtime.save_checkpoint(ckpt, args.out, "vqgan", step, args.keep_checkpoints, proc,
+                                                      lambda grid: runtime.save_vqgan_grid(raw_model, preview, grid,
+                                                                                           proc.device))
         if stopping:
             stop.exit(step, proc)
     if proc.master:
@@ -387,9 +391,6 @@ def train_vqgan(args, images, proc):
 # (runtime.cached_tokens_and_embeddings), so that the prior's steps never touch an image file and the frozen
 # models run only for the embedding loss and the grids. Text appears nowhere: at inference a prompt's CLIP
 # text embedding takes the image embedding's place (clipgen.py).
-
-HOLDOUT_IMAGES = 4  # images kept out of stage-2 training, shown in its grids (at most a fifth of the images)
-
 
 def frozen_models(args, proc):
     """-> (the VQGAN of OUT/vqgan.pt, its file's SHA-256, the CLIP), frozen: stage 2 only reads them."""
@@ -456,12 +457,15 @@ def prior_step(model, raw_model, opt, micro_batches, embed_rows, vq, clip_model,
         with runtime.sync_gradients(model, i == n - 1):
             with autocast:
                 if args.prior == "diffusion":
+                    # VQ-Diffusion: corrupt the tokens to a random step t of the forward process (masks and
+                    # random codes), then predict the clean tokens from what is left.
                     x_t = raw_model.schedule.corrupt(tokens, draws["t"], draws["uniform"], draws["codes"])
                     logits = model(condition, x_t, draws["t"], draws["drop"])  # (b, n_tokens, vocab)
                     loss, *terms = diffusion.diffusion_loss(logits, tokens, x_t, draws["t"], raw_model.schedule,
                                                             args.aux_loss_weight)
                     names = ("vlb", "aux")
                 else:
+                    # Teacher forcing: after the condition's prefix, tokens 0..n-2 predict tokens 0..n-1.
                     logits = model(condition, tokens[:, :-1], draws["drop"])  # (b, n_tokens, vocab)
                     loss, *terms = prior.clipgen_loss(logits, tokens, embeddings, draws["drop"],
                                                       args.embed_loss_weight, embed_rows if i == 0 else 0, vq,
@@ -492,21 +496,12 @@ def prior_config(args, vq, tokens, embeddings):
     return replace(PRESETS[args.preset].prior, adaln=args.adaln, **sizes)
 
 
-def held_out(images, embeddings, image_size):
-    """The last HOLDOUT_IMAGES images (at most a fifth), which stage 2 never trains on, for its sample grids:
-    they show generalisation, not memory. -> (their center crops (n, 3, S, S), their CLIP embeddings
-    (n, clip_dim), how many are held out). A data set too small to spare any shows training images."""
-    n_holdout = min(HOLDOUT_IMAGES, len(images) // 5)
-    ids = range(len(images) - n_holdout, len(images)) if n_holdout else range(min(HOLDOUT_IMAGES, len(images)))
-    preview = torch.stack([data.ImageFolder(images, image_size)[i] for i in ids])
-    return preview, data.read_rows(embeddings, [2 * i for i in ids]), n_holdout
-
-
 def prior_model(cfg, args, embeddings, n_train, ckpt, proc):
     """The prior (--prior), its AdamW optimizer and gradient scaler (a pass-through unless fp16), restored from
     `ckpt` if resuming. The training images' mean embedding is stored in the model, for --remove-mean."""
     device = proc.device
     raw_model = (diffusion.DiffusionPrior if args.prior == "diffusion" else prior.Prior)(cfg).to(device)
+    # Of the training rows alone: held-out images must not shape the model, not even through this mean.
     raw_model.embedding_mean.copy_(embeddings.mean_of_unit_rows(n_train))
     # Weight decay on matrices only; biases, norms and vectors are left alone (as in nanoGPT).
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]
@@ -530,22 +525,24 @@ def train_prior(args, images, proc):
     samples from their CLIP image embeddings at every checkpoint, OUT/prior_STEP.png."""
     torch.manual_seed(args.seed + proc.rank)
     vq, vqgan_sha256, clip_model = frozen_models(args, proc)
-    stop = runtime.GracefulStop()  # from here on: a signal during the cache build must not wait for all of it
+    # From here on: a signal during the cache build must not wait for all of it.
+    stop = runtime.GracefulStop()
     tokens, embeddings = runtime.cached_tokens_and_embeddings(images, args.data_fingerprint, vq, vqgan_sha256,
                                                               clip_model, args.clip_sha256, args.out, args.workers,
                                                               stop, proc)
-    preview, preview_emb, n_holdout = held_out(images, embeddings, vq.cfg.image_size)
-    n_train = 2 * (len(images) - n_holdout)  # rows 0..n_train-1 of the cache: the other images and their flips
+    # A few images stage 2 never trains on, for its sample grids: they show generalisation, not memory.
+    preview, preview_emb, n_holdout = data.held_out_preview(images, embeddings, vq.cfg.image_size)
+    # Rows 0..n_train-1 of the cache: the other images and their flips.
+    n_train = 2 * (len(images) - n_holdout)
     batch = global_batch(n_train, "training sequences", args, proc)
 
-    ckpt, ckpt_path, cfg, start = resume_point(args, "prior", prior_config(args, vq, tokens, embeddings), batch, proc)
-    if ckpt is not None and ckpt["vqgan_sha256"] != vqgan_sha256:
-        fail(f"{os.path.join(args.out, 'vqgan.pt')} is not the VQGAN {ckpt_path} was trained with; resuming would "
-             f"pair the prior with other tokens. Train the prior into a new --out")
+    ckpt, ckpt_path, cfg, start = resume_point(args, "prior", prior_config(args, vq, tokens, embeddings), batch, proc,
+                                               vqgan_sha256)
     if start >= args.prior_steps:
         return
     raw_model, opt, scaler = prior_model(cfg, args, embeddings, n_train, ckpt, proc)
-    model = runtime.wrap_model(raw_model, args.compile, proc)  # trains; raw_model is what checkpoints save
+    # The wrapped model trains; raw_model is what checkpoints save.
+    model = runtime.wrap_model(raw_model, args.compile, proc)
     if proc.master:
         kind = f"diffusion prior, {cfg.n_steps} steps, adaLN" if args.prior == "diffusion" else \
             f"GPT prior, {'prefix + adaLN' if cfg.adaln else 'prefix'}"
@@ -581,7 +578,8 @@ def train_prior(args, images, proc):
         logs = prior_step(model, raw_model, opt, micro, args.embed_loss_batch if with_embed else 0, vq, clip_model,
                           args, proc.autocast(), scaler)
         guard.update(logs["loss"], step)
-        embed_loss = logs["embed"] if with_embed else embed_loss  # shown until the next one is computed
+        # The embedding loss is computed every few steps; progress lines show the last one.
+        embed_loss = logs["embed"] if with_embed else embed_loss
         step += 1
 
         if step % args.log_every == 0 or step == args.prior_steps:  # the one wait for the GPU, so rare
@@ -604,12 +602,10 @@ def train_prior(args, images, proc):
                                       rng_extra={"embed": embed_loss.item()}, clip=args.clip,
                                       vqgan=os.path.abspath(os.path.join(args.out, "vqgan.pt")),
                                       vqgan_sha256=vqgan_sha256)
-            with runtime.rank0_writes(proc):
-                if proc.master:
-                    runtime.save_rotating(ckpt, args.out, "prior", step, args.keep_checkpoints)
-                    runtime.save_prior_grid(raw_model, vq, preview, preview_emb,
-                                            os.path.join(args.out, f"prior_{step:07d}.png"), args.seed, proc)
-            guard.last_good = os.path.join(args.out, "prior.pt")
+            guard.last_good = runtime.save_checkpoint(ckpt, args.out, "prior", step, args.keep_checkpoints, proc,
+                                                      lambda grid: runtime.save_prior_grid(raw_model, vq, preview,
+                                                                                           preview_emb, grid, args.seed,
+                                                                                           proc))
         if stopping:
             stop.exit(step, proc)
     if proc.master:
@@ -632,7 +628,8 @@ def main(argv=None):
                                                           args.accept_changed_data)
         if args.stage in ("vqgan", "all"):
             train_vqgan(args, images, proc)
-            runtime.barrier()  # stage 2 on other ranks reads the vqgan.pt that rank 0 has just written
+            # Stage 2 on other ranks reads the vqgan.pt that rank 0 has just written.
+            runtime.barrier()
         if args.stage in ("prior", "all"):
             train_prior(args, images, proc)
 
