@@ -2155,6 +2155,27 @@ def test_diagnose_scores_each_condition_and_the_best_k_apart(monkeypatch):
     assert rows["text, all"]["colour"] == pytest.approx((1 + 3 / 4) / 4)  # a quarter of the prompts ask for red
 
 
+def test_diagnose_command_appends_each_row_once_per_guidance(tmp_path, monkeypatch):
+    """A grid stopped and started again measures nothing twice, and rows at another guidance are new rows."""
+    calls = []
+
+    def stub_diagnose(gen, world, n, keep, seeds, guidance):
+        calls.append(guidance)
+        return {row: {"seen": guidance / 10} for row in ("image, all", "text, all")}
+    monkeypatch.setattr(clipgen.CLIPGen, "from_checkpoint", staticmethod(lambda *a, **k: untrained_toy_generator()))
+    monkeypatch.setattr(data, "load_checkpoint", lambda path, kind: {"step": 250})
+    monkeypatch.setattr(toyworld, "diagnose", stub_diagnose)
+    monkeypatch.setattr(toyworld, "reconstruction_report", lambda vq, world: {"both": 0.5})
+    out = tmp_path / "rows.jsonl"
+    for guidance in ("2", "2", "1"):
+        toyworld.main(["diagnose", "--run", str(tmp_path), "--out", str(out), "--last", "--guidance", guidance])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert calls == [2.0, 1.0]
+    assert [(r["row"], r["guidance"]) for r in rows] == [("reconstructions", 2.0), ("image, all", 2.0), ("text, all", 2.0),
+                                                        ("reconstructions", 1.0), ("image, all", 1.0), ("text, all", 1.0)]
+    assert rows[1]["step"] == 250 and rows[1]["seen"] == 0.2
+
+
 # ===========================================================================================================
 # FID as the papers report it: the FID Inception against pytorch-fid's, and the metric itself
 

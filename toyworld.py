@@ -437,6 +437,7 @@ def main(argv=None):
     s.add_argument("--keep", type=int, default=8, help="also scored: the best this many of n, by CLIP score")
     s.add_argument("--seeds", type=int, default=1, help="sampling seeds 0..SEEDS-1")
     s.add_argument("--last", action="store_true", help="only the newest prior checkpoint (prior.pt)")
+    s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (kept in each row)")
     for s in sub.choices.values():
         s.add_argument("--world", choices=list(WORLDS), default="letters", help="which toy world")
     args = p.parse_args(argv)
@@ -473,7 +474,7 @@ def diagnose_command(args, world):
     done = set()
     if os.path.exists(args.out):
         with open(args.out) as f:
-            done = {(r["run"], r["step"], r["row"]) for r in map(json.loads, f)}
+            done = {(r["run"], r["step"], r["row"], r.get("guidance", 1.0)) for r in map(json.loads, f)}
     run = os.path.abspath(args.run)
     folder = os.path.join(args.run, "checkpoints")
     priors = [os.path.join(args.run, "prior.pt")] if args.last else \
@@ -482,17 +483,18 @@ def diagnose_command(args, world):
     def append(step, row, values):
         with open(args.out, "a") as f:
             f.write(json.dumps({"run": run, "world": world.name, "step": step, "row": row, "n": args.n,
-                                "keep": args.keep, "seeds": args.seeds, **values}) + "\n")
+                                "keep": args.keep, "seeds": args.seeds, "guidance": args.guidance, **values}) + "\n")
         print(f"{os.path.basename(run)} step {step} {row}: {values}", flush=True)
 
     for path in priors:
         gen = clipgen.CLIPGen.from_checkpoint((os.path.join(args.run, "vqgan.pt"), path), device="cpu")
         step = data.load_checkpoint(path, "prior")["step"]
-        if (run, 0, "reconstructions") not in done:
+        if (run, 0, "reconstructions", args.guidance) not in done:
             append(0, "reconstructions", reconstruction_report(gen.vqgan, world=world))
-            done.add((run, 0, "reconstructions"))
-        if any((run, step, row) not in done for row in ("image, all", "text, all")):
-            for row, values in diagnose(gen, world, n=args.n, keep=args.keep, seeds=args.seeds).items():
+            done.add((run, 0, "reconstructions", args.guidance))
+        if any((run, step, row, args.guidance) not in done for row in ("image, all", "text, all")):
+            for row, values in diagnose(gen, world, n=args.n, keep=args.keep, seeds=args.seeds,
+                                        guidance=args.guidance).items():
                 append(step, row, values)
 
 
