@@ -424,11 +424,16 @@ def read_rows(array, rows):
 HOLDOUT_IMAGES = 4  # images kept out of stage-2 training, shown in its grids (at most a fifth of the images)
 
 
-def held_out_preview(images, embeddings, image_size):
+def cache_rows_per_image(hue_copies=0):
+    """Rows of the stage-2 cache per image: the image and its mirror image, and the same for each hue copy."""
+    return 2 * (1 + hue_copies)
+
+
+def held_out_preview(images, embeddings, image_size, hue_copies=0):
     """The last HOLDOUT_IMAGES images (at most a fifth), which stage 2 never trains on. -> (their center crops
-    (n, 3, S, S), their CLIP embeddings (n, clip_dim) from the cache, whose rows 2i and 2i + 1 are image i and
-    its mirror image, how many are held out). A data set too small to spare any shows training images."""
+    (n, 3, S, S), their CLIP embeddings (n, clip_dim) from the cache, whose row r i is image i's, with r =
+    cache_rows_per_image, how many are held out). A data set too small to spare any shows training images."""
     n_holdout = min(HOLDOUT_IMAGES, len(images) // 5)
     ids = range(len(images) - n_holdout, len(images)) if n_holdout else range(min(HOLDOUT_IMAGES, len(images)))
     preview = torch.stack([ImageFolder(images, image_size)[i] for i in ids])
-    return preview, read_rows(embeddings, [2 * i for i in ids]), n_holdout
+    return preview, read_rows(embeddings, [cache_rows_per_image(hue_copies) * i for i in ids]), n_holdout

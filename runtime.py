@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torchvision.transforms.functional as TF
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torchvision.utils import save_image
@@ -396,20 +397,35 @@ def clip_sha256(name):
     return clip_loader.MODELS[name].split("/")[0] if name in clip_loader.MODELS else clip_loader.sha256_of(name)
 
 
-def cache_key(fingerprint, vqgan_sha256, clip_sha, image_size):
+def cache_key(fingerprint, vqgan_sha256, clip_sha, image_size, hue_copies=0):
     """A digest of everything the cached tokens and embeddings depend on: the images (scan_data's
     fingerprint of the sources' paths, sizes and times), the VQGAN weights and the CLIP (their SHA-256), the
-    image size and the chunking. Any change gives a new key and a new cache."""
-    blob = json.dumps([fingerprint, vqgan_sha256, clip_sha, image_size, data.CACHE_CHUNKS, data.CACHE_CHUNK_MAX])
+    image size, the chunking and the hue copies. Any change gives a new key and a new cache."""
+    # Without hue copies the key is what it was before they existed, so older caches stay valid.
+    blob = json.dumps([fingerprint, vqgan_sha256, clip_sha, image_size, data.CACHE_CHUNKS, data.CACHE_CHUNK_MAX]
+                      + ([hue_copies] if hue_copies else []))
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def hue_copies_of(x, image_ids, hue_copies):
+    """(b, 3, S, S) center crops in [-1, 1] of images `image_ids` -> (b, 1 + hue_copies, 3, S, S): each crop,
+    then copies of it with the hues rotated by amounts drawn once per (image, copy), anywhere on the colour
+    wheel. They pair the image's shapes with colours it was never seen in, each with its own CLIP embedding."""
+    copies = [x]
+    for c in range(1, hue_copies + 1):
+        hues = [float(torch.rand((), generator=torch.Generator().manual_seed(data.stable_seed("hue copy", i, c))))
+                - 0.5 for i in image_ids]
+        copies.append(torch.stack([TF.adjust_hue(im.add(1).div(2), h).mul(2).sub(1) for im, h in zip(x, hues)]))
+    return torch.stack(copies, dim=1)
+
+
 @torch.no_grad()
-def build_cache(images, vq, clip_model, folder, proc, stop, workers=0):
+def build_cache(images, vq, clip_model, folder, proc, stop, workers=0, hue_copies=0):
     """Encode this process's missing chunks of the cache in `folder` (data.cache_chunks): per image i, rows
-    2i (a center crop) and 2i + 1 (its mirror image) of VQGAN token ids and CLIP image embeddings. DataLoader
-    workers decode the images in parallel. A signal (`stop`) ends the build between batches; finished chunks
-    stay, the one in progress is dropped, and the next run encodes only the rest."""
+    r i, ..., r i + r - 1 with r = data.cache_rows_per_image(hue_copies) of VQGAN token ids and CLIP image
+    embeddings: a center crop, its mirror image, then each hue copy and its mirror image. DataLoader workers
+    decode the images in parallel. A signal (`stop`) ends the build between batches; finished chunks stay,
+    the one in progress is dropped, and the next run encodes only the rest."""
     os.makedirs(folder, exist_ok=True)
     dataset = data.ImageFolder(images, vq.cfg.image_size)
     token_dtype = np.uint16 if vq.cfg.codebook_size <= 1 << 16 else np.int32
@@ -425,10 +441,11 @@ def build_cache(images, vq, clip_model, folder, proc, stop, workers=0):
             print(f"stopped by signal {stop.signal} while encoding images for stage 2; finished cache chunks are "
                   f"kept in {folder}, and the next run encodes only the rest")
             sys.exit(128 + stop.signal)
-        x = torch.stack([x, x.flip(-1)], dim=1).flatten(0, 1).to(proc.device)  # (b, 3, S, S) -> (2b, ...), interleaved
-        tokens.append(vq.encode(x).flatten(1).cpu().numpy().astype(token_dtype))  # (2b, h*w)
+        x = hue_copies_of(x, batch, hue_copies)  # (b, copies, 3, S, S)
+        x = torch.stack([x, x.flip(-1)], dim=2).flatten(0, 2).to(proc.device)  # (b * r, 3, S, S), image by image
+        tokens.append(vq.encode(x).flatten(1).cpu().numpy().astype(token_dtype))  # (b * r, h*w)
         clip_in = clip_loader.preprocess_tensor(x, clip_model.arch.image_resolution)
-        embeddings.append(clip_model.encode_image(clip_in).float().cpu().numpy().astype(np.float16))  # (2b, clip_dim)
+        embeddings.append(clip_model.encode_image(clip_in).float().cpu().numpy().astype(np.float16))  # (b * r, clip_dim)
         if batch[-1] == chunks[chunk][-1]:  # the chunk is complete
             data.save_npy(np.concatenate(embeddings), data.cache_file(folder, "embeddings", chunk))
             data.save_npy(np.concatenate(tokens), data.cache_file(folder, "tokens", chunk))  # last: marks it done
@@ -436,15 +453,16 @@ def build_cache(images, vq, clip_model, folder, proc, stop, workers=0):
 
 
 def cached_tokens_and_embeddings(images, fingerprint, vq, vqgan_sha256, clip_model, clip_sha, out, workers, stop,
-                                 proc):
+                                 proc, hue_copies=0):
     """The cache of these images in OUT/prior_cache_KEY, built where chunks are missing -> (tokens,
-    embeddings) ChunkedArrays of 2 rows per image."""
-    key = cache_key(fingerprint, vqgan_sha256, clip_sha, vq.cfg.image_size)
+    embeddings) ChunkedArrays of data.cache_rows_per_image(hue_copies) rows per image."""
+    key = cache_key(fingerprint, vqgan_sha256, clip_sha, vq.cfg.image_size, hue_copies)
     folder = os.path.join(out, "prior_cache_" + key[:16])
     n_chunks = len(data.cache_chunks(len(images)))
     missing = sum(not os.path.exists(data.cache_file(folder, "tokens", c)) for c in range(n_chunks))
     if proc.master and missing:
-        print(f"encoding {len(images)} images (and their mirror images) with the VQGAN and CLIP in {proc.world} "
+        copies = f", {hue_copies} hue copies of each" if hue_copies else ""
+        print(f"encoding {len(images)} images (and their mirror images{copies}) with the VQGAN and CLIP in {proc.world} "
               f"process(es): {missing} of {n_chunks} cache chunks to write in {folder}")
         stale = [os.path.join(out, f) for f in os.listdir(out) if f.startswith("prior_cache_") and
                  os.path.join(out, f) != folder]
@@ -456,7 +474,7 @@ def cached_tokens_and_embeddings(images, fingerprint, vq, vqgan_sha256, clip_mod
     elif proc.master:
         print(f"using cached tokens and embeddings in {folder}")
     try:
-        build_cache(images, vq, clip_model, folder, proc, stop, workers)
+        build_cache(images, vq, clip_model, folder, proc, stop, workers, hue_copies)
         error = None
     except data.WriteError as e:
         error = str(e)
@@ -561,7 +579,7 @@ FLAG_OF_FIELD = {"image_size": "--image-size", "adaln": "--adaln", "clip_dim": "
 
 
 def refuse_changed_run(ckpt, ckpt_path, config, prior_type, preset, seed, global_batch, clip=(None, None),
-                       data_fingerprint=None):
+                       data_fingerprint=None, hue_copies=None):
     """Exit, naming the flag, if resuming with these values would build another model than the checkpoint's
     (`config`, the model config the flags give, as a dict), feed other data or the data in another order (its
     fingerprint, None once the user accepted a change; the seed, the global batch) or condition the prior on
@@ -590,6 +608,9 @@ def refuse_changed_run(ckpt, ckpt_path, config, prior_type, preset, seed, global
     if ckpt["global_batch"] != global_batch:
         fail(f"--batch-size x --grad-accum x processes = {global_batch}, but {ckpt_path} was trained with a "
              f"global batch of {ckpt['global_batch']}, which decides the data order; keep that product")
+    if hue_copies is not None and saved.get("hue_copies", 0) != hue_copies:
+        fail(f"--hue-copies {hue_copies} but {ckpt_path} was trained with --hue-copies {saved.get('hue_copies', 0)}, "
+             f"which decides the training rows; resume with --hue-copies {saved.get('hue_copies', 0)}")
 
 
 def refuse_other_clip(saved_args, ckpt_path, name, sha):

@@ -1655,6 +1655,42 @@ def test_a_resume_with_another_clip_is_refused_naming_both(scale_setup, tmp_path
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def test_hue_copies_add_cache_rows_and_a_resume_keeps_them(scale_setup, tmp_path, capsys):
+    """--hue-copies 1: four cache rows per image, the first two the plain cache's (image, mirror image), then the
+    image with its hues rotated (and so other tokens and another embedding) and that copy's mirror image; the
+    same bytes when built again; a resume with another count is refused."""
+    root, common = scale_setup
+    refs, _ = data.readable_images(str(root / "imgs"))
+    torch.manual_seed(0)
+    vq = vqgan.VQGAN(TINY).eval()
+    clip_model = clip_loader.load(common[common.index("--clip") + 1])[0]
+    for name, copies in (("plain", 0), ("hue", 1), ("hue_again", 1)):
+        runtime.build_cache(refs, vq, clip_model, str(tmp_path / name), CPU, runtime.GracefulStop(), hue_copies=copies)
+    (plain_tokens, plain_emb), (tokens, emb) = (data.open_cache(str(tmp_path / name), len(refs)) for name in ("plain", "hue"))
+    assert len(tokens) == 4 * len(refs) == data.cache_rows_per_image(1) * len(refs)
+    assert all((tmp_path / "hue" / f).read_bytes() == (tmp_path / "hue_again" / f).read_bytes()
+               for f in os.listdir(tmp_path / "hue"))
+    i = 5
+    assert np.array_equal(tokens[[4 * i, 4 * i + 1]], plain_tokens[[2 * i, 2 * i + 1]])
+    assert np.array_equal(emb[[4 * i, 4 * i + 1]], plain_emb[[2 * i, 2 * i + 1]])
+    copy = runtime.hue_copies_of(data.ImageFolder(refs, 32)[i][None], [i], 1)[0, 1]  # (3, S, S)
+    with torch.no_grad():
+        assert torch.equal(data.read_rows(tokens, [4 * i + 2, 4 * i + 3]), vq.encode(torch.stack([copy, copy.flip(-1)])).flatten(1))
+    assert not np.array_equal(tokens[[4 * i + 2]], tokens[[4 * i]])
+    assert F.cosine_similarity(data.read_rows(emb, [4 * i]), data.read_rows(emb, [4 * i + 2])).item() < 0.999
+    # Through train.py: the copies are trained on, and a resume must keep their number.
+    out = tmp_path / "run"
+    args = [*common, "--vqgan-steps", "2", "--prior-steps", "2", "--batch-size", "4", "--embed-loss-weight", "0",
+            "--log-every", "2", "--out", str(out), "--hue-copies", "1"]
+    train.main(args)
+    assert f"{4 * (len(refs) - 2)} training sequences" in capsys.readouterr().out  # 2 of the 12 images held out
+    with pytest.raises(SystemExit) as e:
+        train.main([*args[:-1], "0", "--prior-steps", "3", "--resume"])
+    assert "--hue-copies 0 but" in str(e.value.code) and "--hue-copies 1" in str(e.value.code)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def test_a_resume_on_changed_data_says_what_changed(scale_setup, tmp_path, capsys):
     """Exact resume replays the data order: a removed or edited image stops the resume, naming it; a new one is
     left out, said in a warning; --accept-changed-data goes on with the data as it is."""

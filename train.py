@@ -140,6 +140,9 @@ def add_stage2_flags(g):
     # classifier-free guidance (sample.py --guidance) contrasts with the conditional one.
     g.add_argument("--cond-drop", type=runtime.between(0, 1, high_open=True), default=0.1,
                    help="probability of training with the null condition, for classifier-free guidance")
+    # Colour is bound to shape in the images; rotated hues show the prior shapes in colours they never had.
+    g.add_argument("--hue-copies", type=at_least(0), default=0,
+                   help="also train stage 2 on this many copies of every image with its hues rotated at random")
     g.add_argument("--adaln", action="store_true",
                    help="adaptive-LayerNorm conditioning in every block of the GPT (the diffusion prior always has it)")
     # Ours: the mean of the image embeddings points mostly along CLIP's modality gap (prior.unit_condition).
@@ -207,7 +210,7 @@ def resume_point(args, kind, cfg, batch, proc, vqgan_sha256=None):
         return None, None, cfg, 0
     fingerprint = None if args.accept_changed_data else args.data_fingerprint
     runtime.refuse_changed_run(ckpt, path, asdict(cfg), args.prior, args.preset, args.seed, batch,
-                               (args.clip, args.clip_sha256), fingerprint)
+                               (args.clip, args.clip_sha256), fingerprint, args.hue_copies if kind == "prior" else None)
     if vqgan_sha256 is not None and ckpt["vqgan_sha256"] != vqgan_sha256:
         fail(f"{os.path.join(args.out, 'vqgan.pt')} is not the VQGAN {path} was trained with; resuming would "
              f"pair the prior with other tokens. Train the prior into a new --out")
@@ -529,11 +532,11 @@ def train_prior(args, images, proc):
     stop = runtime.GracefulStop()
     tokens, embeddings = runtime.cached_tokens_and_embeddings(images, args.data_fingerprint, vq, vqgan_sha256,
                                                               clip_model, args.clip_sha256, args.out, args.workers,
-                                                              stop, proc)
+                                                              stop, proc, args.hue_copies)
     # A few images stage 2 never trains on, for its sample grids: they show generalisation, not memory.
-    preview, preview_emb, n_holdout = data.held_out_preview(images, embeddings, vq.cfg.image_size)
-    # Rows 0..n_train-1 of the cache: the other images and their flips.
-    n_train = 2 * (len(images) - n_holdout)
+    preview, preview_emb, n_holdout = data.held_out_preview(images, embeddings, vq.cfg.image_size, args.hue_copies)
+    # Rows 0..n_train-1 of the cache: the other images, their flips and their hue copies.
+    n_train = data.cache_rows_per_image(args.hue_copies) * (len(images) - n_holdout)
     batch = global_batch(n_train, "training sequences", args, proc)
 
     ckpt, ckpt_path, cfg, start = resume_point(args, "prior", prior_config(args, vq, tokens, embeddings), batch, proc,
