@@ -97,6 +97,13 @@ def folder(text):
     return text
 
 
+def existing_file(text):
+    """A flag's type: a path to an existing file, checked before any model is loaded."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"no such file {text!r}")
+    return text
+
+
 def device_name(text):
     """A flag's type: 'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):

@@ -31,20 +31,13 @@ import runtime
 from clipgen import CLIPGen
 
 
-def existing_file(text):
-    """A flag's type: a path to an existing file, checked before any model is loaded."""
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"no such file {text!r}")
-    return text
-
-
 def build_parser():
     p = argparse.ArgumentParser(description="Generate images from text with a trained CLIP-GEN run.",
                                 formatter_class=runtime.HelpFormatter)
     p.add_argument("prompts", nargs="*", help="one or more prompts")
-    p.add_argument("--prompts", dest="prompts_file", metavar="FILE", type=existing_file,
+    p.add_argument("--prompts", dest="prompts_file", metavar="FILE", type=runtime.existing_file,
                    help="a text file with one prompt per line")
-    p.add_argument("--image", type=existing_file, help="make variations of this image instead of following a prompt")
+    p.add_argument("--image", type=runtime.existing_file, help="make variations of this image instead of following a prompt")
     p.add_argument("--run", default="out", help="run folder with vqgan.pt and prior.pt (train.py's --out)")
     p.add_argument("--out", default="samples", type=runtime.folder, help="folder for the images")
     # Reranking is half of the method: the prior proposes, CLIP keeps the candidates closest to the prompt, so
