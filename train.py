@@ -208,6 +208,8 @@ def resume_point(args, kind, cfg, batch, proc, vqgan_sha256=None):
     ckpt, path = runtime.latest_checkpoint(args.out, kind, proc) if args.resume else (None, None)
     if ckpt is None:
         return None, None, cfg, 0
+    if proc.master:
+        print(f"resuming stage {1 if kind == 'vqgan' else 2} from {path} at step {ckpt['step']}")
     fingerprint = None if args.accept_changed_data else args.data_fingerprint
     runtime.refuse_changed_run(ckpt, path, asdict(cfg), args.prior, args.preset, args.seed, batch,
                                (args.clip, args.clip_sha256), fingerprint, args.hue_copies if kind == "prior" else None)
@@ -337,8 +339,6 @@ def train_vqgan(args, images, proc):
               f"{len(images)} images, {cfg.image_size}px -> {side}x{side} tokens, codebook {cfg.codebook_size} | "
               f"device {proc.device} x{proc.world} {proc.precision} | "
               f"global batch {batch} ({args.batch_size} x {args.grad_accum} accumulation x {proc.world} processes)")
-        if ckpt is not None:
-            print(f"resuming stage 1 from {ckpt_path} at step {start}")
 
     # The random state is restored last, after everything above has drawn from it.
     if ckpt is not None:
@@ -442,6 +442,14 @@ def step_randomness(seed, step, rows, cfg, cond_drop, proc):
         draws["uniform"] = torch.rand(n, cfg.n_tokens, generator=g)
         draws["codes"] = torch.randint(cfg.vocab_size, (n, cfg.n_tokens), generator=g)
     return {k: v[proc.rank * rows:(proc.rank + 1) * rows] for k, v in draws.items()}
+
+
+def micro_batches(tokens, embeddings, rows, draws, b, device):
+    """A step's cache rows and random draws, cut into micro-batches of b rows on the device: [(tokens
+    (b, n_tokens), embeddings (b, clip_dim), draws {name: (b, ...)})], what prior_step takes."""
+    return [(data.read_rows(tokens, rows[j:j + b]).to(device, non_blocking=True),
+             data.read_rows(embeddings, rows[j:j + b]).to(device, non_blocking=True),
+             {k: v[j:j + b].to(device) for k, v in draws.items()}) for j in range(0, len(rows), b)]
 
 
 def prior_step(model, raw_model, opt, micro_batches, embed_rows, vq, clip_model, args, autocast,
@@ -553,8 +561,6 @@ def train_prior(args, images, proc):
               f"{cfg.n_embd}) | {n_train} training sequences of {cfg.n_tokens} tokens, {n_holdout} images held "
               f"out | CLIP {args.clip} ({cfg.clip_dim}-d) | global batch {batch} = {batch * cfg.n_tokens} "
               f"tokens/step | lr {args.prior_lr} | device {proc.device} x{proc.world} {proc.precision}")
-        if ckpt is not None:
-            print(f"resuming stage 2 from {ckpt_path} at step {start}")
 
     # The random state is restored last; with it the embedding loss last computed, which progress lines show.
     embed_loss = torch.zeros((), device=proc.device)
@@ -572,11 +578,7 @@ def train_prior(args, images, proc):
         # step alone (see data.batch_indices and step_randomness), like stage 1's images.
         rows, _ = data.batch_indices(n_train, per_rank, proc.rank, proc.world, args.seed, step)
         draws = step_randomness(args.seed, step, per_rank, cfg, args.cond_drop, proc)
-        # Micro-batches of b = --batch-size: (tokens (b, n_tokens), embeddings (b, clip_dim), draws).
-        micro = [(data.read_rows(tokens, rows[j:j + args.batch_size]).to(proc.device, non_blocking=True),
-                  data.read_rows(embeddings, rows[j:j + args.batch_size]).to(proc.device, non_blocking=True),
-                  {k: v[j:j + args.batch_size].to(proc.device) for k, v in draws.items()})
-                 for j in range(0, per_rank, args.batch_size)]
+        micro = micro_batches(tokens, embeddings, rows, draws, args.batch_size, proc.device)
         with_embed = args.embed_loss_weight > 0 and step % args.embed_loss_every == 0
         logs = prior_step(model, raw_model, opt, micro, args.embed_loss_batch if with_embed else 0, vq, clip_model,
                           args, proc.autocast(), scaler)
