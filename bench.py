@@ -21,6 +21,7 @@ Weights are random (speed does not depend on them) and nothing is downloaded.
 """
 import argparse
 import json
+import math
 import time
 from dataclasses import replace
 
@@ -302,7 +303,8 @@ def gpu_check(device, size, steps, compile_model, peak):
             drift = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(reference, losses))
             mfu = f", MFU {units / seconds * prior_flops_per_token(flops_cfg) / peak:.1%}" if flops_cfg else ""
             rows.append((f"{name}, {variant}", f"{units / seconds:,.1f} {unit}",
-                         f"loss {losses[-1]:.4f}, {drift:.1%} from fp32{mfu}, peak {memory:.1f} GB"))
+                         f"loss {losses[-1]:.4f}, {drift:.1%} from fp32{mfu}"
+                         + ("" if math.isnan(memory) else f", peak {memory:.1f} GB")))
     for sequences in (1, 8):
         tok_s = bench_sampling(prior_cfg, sequences, device, iters=1, precision="bf16", use_cache=True) * n
         rows.append((f"sample {n} tokens, KV cache, bf16, batch {sequences}", f"{tok_s:,.1f} tokens/s", ""))
