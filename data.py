@@ -429,11 +429,16 @@ def cache_rows_per_image(hue_copies=0):
     return 2 * (1 + hue_copies)
 
 
+def holdout_count(n_images):
+    """How many of the last images stage 2 never trains on: HOLDOUT_IMAGES, at most a fifth of them."""
+    return min(HOLDOUT_IMAGES, n_images // 5)
+
+
 def held_out_preview(images, embeddings, image_size, hue_copies=0):
-    """The last HOLDOUT_IMAGES images (at most a fifth), which stage 2 never trains on. -> (their center crops
-    (n, 3, S, S), their CLIP embeddings (n, clip_dim) from the cache, whose row r i is image i's, with r =
-    cache_rows_per_image, how many are held out). A data set too small to spare any shows training images."""
-    n_holdout = min(HOLDOUT_IMAGES, len(images) // 5)
+    """The held-out images (holdout_count) -> (their center crops (n, 3, S, S), their CLIP embeddings
+    (n, clip_dim) from the cache, whose row r i is image i's, with r = cache_rows_per_image). A data set too
+    small to spare any shows training images."""
+    n_holdout = holdout_count(len(images))
     ids = range(len(images) - n_holdout, len(images)) if n_holdout else range(min(HOLDOUT_IMAGES, len(images)))
     preview = torch.stack([ImageFolder(images, image_size)[i] for i in ids])
-    return preview, read_rows(embeddings, [cache_rows_per_image(hue_copies) * i for i in ids]), n_holdout
+    return preview, read_rows(embeddings, [cache_rows_per_image(hue_copies) * i for i in ids])

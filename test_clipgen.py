@@ -1684,9 +1684,12 @@ def test_hue_copies_add_cache_rows_and_a_resume_keeps_them(scale_setup, tmp_path
             "--log-every", "2", "--out", str(out), "--hue-copies", "1"]
     train.main(args)
     assert f"{4 * (len(refs) - 2)} training sequences" in capsys.readouterr().out  # 2 of the 12 images held out
+    caches = sorted(p.name for p in out.glob("prior_cache_*"))
     with pytest.raises(SystemExit) as e:
         train.main([*args[:-1], "0", "--prior-steps", "3", "--resume"])
     assert "--hue-copies 0 but" in str(e.value.code) and "--hue-copies 1" in str(e.value.code)
+    # Refused before the images are encoded again: no cache for the other count was built.
+    assert len(caches) == 1 and sorted(p.name for p in out.glob("prior_cache_*")) == caches
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -497,11 +497,11 @@ def prior_step(model, raw_model, opt, micro_batches, embed_rows, vq, clip_model,
     return logs
 
 
-def prior_config(args, vq, tokens, embeddings):
+def prior_config(args, vq, clip_model):
     """The preset's prior (--prior) with its vocabulary, sequence length and condition size read off the
-    VQGAN and CLIP actually used (a cache's columns), and the conditioning flags."""
-    sizes = dict(vocab_size=vq.cfg.codebook_size, n_tokens=tokens.shape[1], clip_dim=embeddings.shape[1],
-                 remove_mean=args.remove_mean)
+    VQGAN and CLIP actually used, and the conditioning flags."""
+    sizes = dict(vocab_size=vq.cfg.codebook_size, n_tokens=vq.cfg.tokens_per_side ** 2,
+                 clip_dim=clip_model.arch.embed_dim, remove_mean=args.remove_mean)
     if args.prior == "diffusion":
         return replace(PRESETS[args.preset].diffusion, **sizes)
     return replace(PRESETS[args.preset].prior, adaln=args.adaln, **sizes)
@@ -536,21 +536,22 @@ def train_prior(args, images, proc):
     samples from their CLIP image embeddings at every checkpoint, OUT/prior_STEP.png."""
     torch.manual_seed(args.seed + proc.rank)
     vq, vqgan_sha256, clip_model = frozen_models(args, proc)
+    # Rows 0..n_train-1 of the cache: the images stage 2 trains on, their flips and their hue copies.
+    n_holdout = data.holdout_count(len(images))
+    n_train = data.cache_rows_per_image(args.hue_copies) * (len(images) - n_holdout)
+    batch = global_batch(n_train, "training sequences", args, proc)
+    # Before the cache: a resume that is refused must not first spend minutes encoding the images.
+    ckpt, ckpt_path, cfg, start = resume_point(args, "prior", prior_config(args, vq, clip_model), batch, proc,
+                                               vqgan_sha256)
+    if start >= args.prior_steps:
+        return
     # From here on: a signal during the cache build must not wait for all of it.
     stop = runtime.GracefulStop()
     tokens, embeddings = runtime.cached_tokens_and_embeddings(images, args.data_fingerprint, vq, vqgan_sha256,
                                                               clip_model, args.clip_sha256, args.out, args.workers,
                                                               stop, proc, args.hue_copies)
     # A few images stage 2 never trains on, for its sample grids: they show generalisation, not memory.
-    preview, preview_emb, n_holdout = data.held_out_preview(images, embeddings, vq.cfg.image_size, args.hue_copies)
-    # Rows 0..n_train-1 of the cache: the other images, their flips and their hue copies.
-    n_train = data.cache_rows_per_image(args.hue_copies) * (len(images) - n_holdout)
-    batch = global_batch(n_train, "training sequences", args, proc)
-
-    ckpt, ckpt_path, cfg, start = resume_point(args, "prior", prior_config(args, vq, tokens, embeddings), batch, proc,
-                                               vqgan_sha256)
-    if start >= args.prior_steps:
-        return
+    preview, preview_emb = data.held_out_preview(images, embeddings, vq.cfg.image_size, args.hue_copies)
     raw_model, opt, scaler = prior_model(cfg, args, embeddings, n_train, ckpt, proc)
     # The wrapped model trains; raw_model is what checkpoints save.
     model = runtime.wrap_model(raw_model, args.compile, proc)
