@@ -107,8 +107,8 @@ def vqgan_step(cfg, batch, device, precision, compile_model=False, fast=True, pe
     # Random VGG16 weights: the same FLOPs as the real perceptual loss, without a 528 MB download.
     perceptual = vqgan.PerceptualLoss(vgg16(weights=None).features).to(device, memory_format=fmt) \
         if perceptual else None
-    opt_g = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt_g = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, fused=True)
     if compile_model:
         torch._functorch.config.donated_buffer = False  # the adaptive GAN weight backprops twice (train.py)
     wrapped = torch.compile(model) if compile_model else model
@@ -156,7 +156,7 @@ def prior_step(cfg, batch, device, precision, compile_model=False, grad_clip=0.0
     torch.manual_seed(seed)
     is_diffusion = isinstance(cfg, diffusion.DiffusionConfig)
     model = (diffusion.DiffusionPrior if is_diffusion else prior.Prior)(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     wrapped = torch.compile(model) if compile_model else model
     autocast = runtime.autocast(device, precision)
     tokens = torch.randint(cfg.vocab_size, (batch, cfg.n_tokens), device=device)
@@ -279,7 +279,7 @@ def track(make_step, device, steps, compile_model):
 
 def gpu_check(device, size, steps, compile_model, peak):
     """Every CUDA-only path at once, for the developer who is lent a GPU for a few minutes: stage 1 and both
-    priors at `size`'s shapes for `steps` steps in fp32, bf16 and bf16 compiled (fused Adam on CUDA), then
+    priors at `size`'s shapes for `steps` steps in fp32, bf16 and bf16 compiled (fused Adam), then
     KV-cache sampling in bf16. -> rows of throughput, MFU, peak memory, and how far bf16's losses are from
     fp32's (relative; compiled against eager too). On a CPU (--device cpu) it is a dry run of the same code."""
     cfg, gpu = PRESETS[size], device.type == "cuda"

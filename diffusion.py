@@ -33,6 +33,7 @@ class DiffusionConfig:
     clip_dim: int = 512
     n_steps: int = 100  # T, the diffusion steps trained (sampling may take fewer)
     remove_mean: bool = False  # as in PriorConfig
+    gelu: str = "none"  # as in PriorConfig
     dropout: float = 0.0
 
 
@@ -111,7 +112,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(C, elementwise_affine=False)
         self.attn = prior.SelfAttention(cfg, causal=False)
         self.ln_2 = nn.LayerNorm(C, elementwise_affine=False)
-        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(approximate="tanh"), nn.Linear(4 * C, C),
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(approximate=cfg.gelu), nn.Linear(4 * C, C),
                                  nn.Dropout(cfg.dropout))
         self.ada_step = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
         self.ada_cond = nn.Sequential(nn.SiLU(), nn.Linear(C, 2 * C))
@@ -224,7 +225,7 @@ def from_checkpoint(ckpt, path, device="cpu"):
     """A DiffusionPrior rebuilt from a checkpoint dict train.py wrote (read from `path`), in eval mode."""
     if ckpt.get("prior_type") != "diffusion":
         raise ValueError(f"{path} holds a GPT prior, not a diffusion one; load it with clipgen.load_prior")
-    model = DiffusionPrior(DiffusionConfig(**ckpt["config"]))
+    model = DiffusionPrior(prior.saved_config(DiffusionConfig, ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
 

@@ -32,6 +32,7 @@ class PriorConfig:
     n_prefix: int = 1  # CLIP-GEN turns the embedding into this many prefix tokens
     adaln: bool = False  # also modulate every block's LayerNorms with the embedding (CLIP-VQDiffusion)
     remove_mean: bool = False  # project the training images' mean embedding out of every condition (ours)
+    gelu: str = "none"  # nn.GELU's `approximate`: exact, as nanoGPT (a CPU runs it 3.6x faster than "tanh")
     dropout: float = 0.0
 
 
@@ -88,7 +89,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.adaln)
         self.attn = SelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, elementwise_affine=not cfg.adaln)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(approximate="tanh"),
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(approximate=cfg.gelu),
                                  nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.dropout))
         self.ada = nn.Linear(cfg.n_embd, 4 * cfg.n_embd) if cfg.adaln else None
 
@@ -307,6 +308,12 @@ def from_checkpoint(ckpt, path, device="cpu"):
     the file and calls this or diffusion.from_checkpoint, whichever prior the file holds."""
     if ckpt.get("prior_type", "ar") != "ar":
         raise ValueError(f"{path} holds a {ckpt['prior_type']} prior, not the GPT; load it with clipgen.load_prior")
-    model = Prior(PriorConfig(**ckpt["config"]))
+    model = Prior(saved_config(PriorConfig, ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval().use_matvec_layout(), ckpt
+
+
+def saved_config(config_class, saved):
+    """A prior's config as a checkpoint saved it (a dict) -> config_class. Runs saved before the `gelu` field
+    existed trained with GPT-2's tanh approximation, and must go on computing the function they learned."""
+    return config_class(**{"gelu": "tanh", **saved})

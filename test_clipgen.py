@@ -843,6 +843,32 @@ def test_the_matvec_layout_is_the_same_function_and_the_same_checkpoint(tmp_path
     assert loaded.blocks[1].mlp[0].weight.stride() == (1, 256) and not loaded.training
 
 
+@pytest.mark.parametrize("kind", ["ar", "diffusion"])
+def test_priors_saved_before_the_gelu_field_keep_the_tanh_gelu(kind, tmp_path):
+    """New priors use the exact GELU; a checkpoint whose config has no `gelu` was trained with the tanh one, and
+    load_prior must rebuild that function, not the new default (a resume rebuilds it the same way)."""
+    make, config_class = (tiny_prior, prior.PriorConfig) if kind == "ar" else (tiny_diffusion, diffusion.DiffusionConfig)
+    assert config_class().gelu == "none"
+    old = make(gelu="tanh").eval()
+    with torch.no_grad():  # weights of a trained model's size, so the two GELUs' difference shows in the output
+        for p in old.parameters():
+            p.normal_(0, 0.3)
+    saved = {k: v for k, v in old.cfg.__dict__.items() if k != "gelu"}
+    torch.save({"kind": "prior", "prior_type": kind, "config": saved, "model": old.state_dict()}, tmp_path / "p.pt")
+    loaded, _ = clipgen.load_prior(str(tmp_path / "p.pt"))
+    assert loaded.cfg.gelu == "tanh"
+    as_new = make().eval()
+    as_new.load_state_dict(old.state_dict())
+    if kind == "ar":
+        args = (torch.randn(2, 32), torch.randint(128, (2, 10)))
+    else:
+        args = (torch.randn(2, 8), torch.randint(7, (2, 16)), torch.tensor([3, 7]))
+    with torch.no_grad():
+        # Within float rounding (the GPT's matvec layout sums in another order); the GELUs differ by up to 5e-4.
+        assert (loaded(*args) - old(*args)).abs().max() < 5e-6
+        assert (as_new(*args) - old(*args)).abs().max() > 5e-5
+
+
 def test_top_k_1_is_greedy_and_guidance_1_is_conditional():
     model = tiny_prior().eval()
     emb = torch.randn(2, 32)

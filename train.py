@@ -216,7 +216,8 @@ def resume_point(args, kind, cfg, batch, proc, vqgan_sha256=None):
     if vqgan_sha256 is not None and ckpt["vqgan_sha256"] != vqgan_sha256:
         fail(f"{os.path.join(args.out, 'vqgan.pt')} is not the VQGAN {path} was trained with; resuming would "
              f"pair the prior with other tokens. Train the prior into a new --out")
-    return ckpt, path, type(cfg)(**ckpt["config"]), ckpt["step"]
+    saved = prior.saved_config(type(cfg), ckpt["config"]) if kind == "prior" else type(cfg)(**ckpt["config"])
+    return ckpt, path, saved, ckpt["step"]
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -290,9 +291,9 @@ def vqgan_models(cfg, args, ckpt, proc):
             perceptual = vqgan.PerceptualLoss().to(device, memory_format=torch.channels_last)
         except RuntimeError as e:
             fail(e)
-    fused = device.type == "cuda"
-    opt_g = torch.optim.Adam(raw_model.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9), fused=fused)
-    opt_d = torch.optim.Adam(raw_disc.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9), fused=fused)
+    # Fused: one kernel updates all the parameters, on a CPU too, where the default loops over them in Python.
+    opt_g = torch.optim.Adam(raw_model.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9), fused=True)
+    opt_d = torch.optim.Adam(raw_disc.parameters(), lr=args.vqgan_lr, betas=(0.5, 0.9), fused=True)
     scalers = proc.grad_scaler(), proc.grad_scaler()
     if ckpt is not None:
         for part, key in ((raw_model, "model"), (raw_disc, "discriminator"), (opt_g, "opt_g"), (opt_d, "opt_d")):
@@ -520,7 +521,7 @@ def prior_model(cfg, args, embeddings, n_train, ckpt, proc):
     # beta2 = 0.95, as nanoGPT and GPT-3: the second moment adapts faster, which keeps transformers stable.
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.prior_lr, betas=(0.9, 0.95),
-                            fused=device.type == "cuda")
+                            fused=True)
     scaler = proc.grad_scaler()
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"])
