@@ -145,7 +145,8 @@ class CLIPGen:
     @torch.no_grad()
     def sample_images(self, embeddings, n, temperature=1.0, top_k=None, top_p=None, guidance=1.0, seed=0,
                       batch_size=32, progress=None, diffusion_steps=None):
-        """(P, clip_dim) conditions -> (P, n, 3, H, W) images in [-1, 1]: n prior samples per condition,
+        """(P, clip_dim) conditions, or P tensors (parts, clip_dim) of prompts in parts (generate) -> (P, n, 3,
+        H, W) images in [-1, 1]: n prior samples per condition,
         decoded by the VQGAN, in batches of `batch_size`. Each condition gets its own generator seeded with
         `seed`, so a prompt's images depend on the prompt, seed, n and batch size, not on the other prompts
         sampled with it. diffusion_steps: the diffusion prior's reverse steps (default: all it was trained
@@ -160,7 +161,7 @@ class CLIPGen:
             for start in range(0, n, batch_size):
                 if progress:
                     progress(done, total)
-                rows = embedding.expand(min(batch_size, n - start), -1)  # (b, clip_dim)
+                rows = embedding.expand(min(batch_size, n - start), *embedding.shape)  # (b, [parts,] clip_dim)
                 with self.autocast:
                     tokens = self.prior.sample(rows, temperature, top_k, top_p, guidance, generator, **extra)
                     images.append(self.vqgan.decode(tokens.view(-1, side, side)).float().clamp(-1, 1))
@@ -192,13 +193,22 @@ class CLIPGen:
     def generate(self, prompts, n=16, keep=4, temperature=1.0, top_k=None, top_p=None, guidance=1.0, seed=0,
                  batch_size=32, progress=None, diffusion_steps=None):
         """For each prompt: sample n images from its CLIP text embedding and return the `keep` with the
-        highest CLIP score, as a list of (PIL image, score) pairs in descending score."""
+        highest CLIP score, as a list of (PIL image, score) pairs in descending score.
+
+        A prompt "A AND B" is drawn as the conjunction of its parts (composable guidance, prior.mix_guided),
+        each part embedded alone, and ranked by similarity to the parts' mean embedding."""
         if keep > n:
             raise ValueError(f"keep ({keep}) can not exceed n ({n})")
-        text = self.embed_text(list(prompts))
-        images = self.sample_images(text, n, temperature, top_k, top_p, guidance, seed, batch_size, progress,
-                                    diffusion_steps)
-        return self.rerank(images, text, keep)
+        parts = [[part.strip() for part in prompt.split(" AND ")] for prompt in prompts]
+        text = self.embed_text([part for prompt_parts in parts for part in prompt_parts])  # all parts at once
+        if len(text) == len(parts):  # no prompt in parts
+            conditions, targets = text, text
+        else:
+            conditions = list(text.split([len(p) for p in parts]))  # per prompt (parts, clip_dim)
+            targets = torch.stack([F.normalize(c.mean(0), dim=0) for c in conditions])
+        images = self.sample_images(conditions, n, temperature, top_k, top_p, guidance, seed, batch_size,
+                                    progress, diffusion_steps)
+        return self.rerank(images, targets, keep)
 
     def variations(self, image, n=16, keep=4, temperature=1.0, top_k=None, top_p=None, guidance=1.0, seed=0,
                    batch_size=32, progress=None, diffusion_steps=None):

@@ -171,28 +171,26 @@ class DiffusionPrior(nn.Module):
 
     @torch.no_grad()
     def sample(self, embeddings, temperature=1.0, top_k=None, top_p=None, guidance=1.0, generator=None, steps=None):
-        """(B, clip_dim) CLIP embeddings -> (B, n_tokens) sampled tokens, from a grid of [MASK] at step T.
+        """(B, clip_dim) CLIP embeddings, or (B, P, clip_dim) for prompts in P parts -> (B, n_tokens)
+        sampled tokens, from a grid of [MASK] at step T.
 
         steps: reverse steps to take (default: all T); fewer visit evenly spaced steps, jumping from t to the
         next s < t with the exact q(x_s | x_t, x0) (VQ-Diffusion's fast inference). temperature, top_k and
         top_p shape each step's x0 prediction; top_p is VQ-Diffusion's truncation (CLIP-VQDiffusion: 0.85).
-        guidance != 1 mixes conditional and null-conditioned log-probabilities of x0 as the GPT prior mixes
-        its logits (Tang et al. 2022 for discrete diffusion). One draw per position and step from
-        `generator`, the same with or without guidance."""
+        guidance != 1, or P > 1, mixes conditional and null-conditioned log-probabilities of x0 as the GPT
+        prior mixes its logits (prior.mix_guided; Tang et al. 2022 for discrete diffusion). One draw per
+        position and step from `generator`, the same with or without guidance."""
         B, N, K, T = embeddings.shape[0], self.cfg.n_tokens, self.cfg.vocab_size, self.cfg.n_steps
         steps = self.reverse_steps(steps)
+        embeddings, drop, copies = prior.guided_rows(embeddings, guidance)
         device = embeddings.device
-        drop = torch.zeros(B, dtype=torch.bool, device=device)
-        if guidance != 1.0:
-            embeddings, drop = torch.cat([embeddings, embeddings]), torch.cat([drop, ~drop])
         times = torch.linspace(T, 0, steps + 1, device=device).round().long()  # T = t_0 > t_1 > ... > 0
         x = torch.full((B, N), K, dtype=torch.long, device=device)
         for t, s in zip(times[:-1], times[1:]):
-            fed = torch.cat([x, x]) if guidance != 1.0 else x
-            log_p = self(embeddings, fed, t.expand(len(fed)), drop).float().log_softmax(-1)  # (B or 2B, N, K)
-            if guidance != 1.0:
-                c, u = log_p.chunk(2)
-                log_p = (u + guidance * (c - u)).log_softmax(-1)
+            fed = x.repeat(copies, 1)
+            log_p = self(embeddings, fed, t.expand(len(fed)), drop).float().log_softmax(-1)  # (copies x B, N, K)
+            if copies > 1:
+                log_p = prior.mix_guided(log_p, B, guidance).log_softmax(-1)
             x0_probs = prior.filter_logits(log_p, temperature, top_k, top_p).softmax(-1)  # (B, N, K)
             probs = self.schedule.posterior(x0_probs, x, s.expand(B), t.expand(B))  # (B, N, K + 1)
             x = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(B, N)

@@ -172,26 +172,22 @@ class Prior(nn.Module):
     @torch.no_grad()
     def sample(self, embeddings, temperature=1.0, top_k=None, top_p=None, guidance=1.0, generator=None,
                use_cache=True):
-        """(B, clip_dim) CLIP embeddings -> (B, n_tokens) sampled image tokens.
+        """(B, clip_dim) CLIP embeddings, or (B, P, clip_dim) for prompts in P parts -> (B, n_tokens) sampled
+        image tokens.
 
-        guidance != 1 runs the conditional and the null-conditioned sequences as one batch of 2B and mixes
-        their logits: uncond + guidance * (cond - uncond) (Ho & Salimans 2022). use_cache=False recomputes
-        the whole sequence at every step (slow; kept as the reference the cache is tested against).
-        Repeat rows of `embeddings` (repeat_interleave) to draw many samples per condition in one batch."""
-        B, device = embeddings.shape[0], embeddings.device
-        drop = torch.zeros(B, dtype=torch.bool, device=device)
-        if guidance != 1.0:  # second half: the same rows with the null condition
-            embeddings, drop = torch.cat([embeddings, embeddings]), torch.cat([drop, ~drop])
-        tokens = torch.zeros(embeddings.shape[0], self.cfg.n_tokens, dtype=torch.long, device=device)
+        guidance != 1, or P > 1, runs the conditions and the null condition as one batch and mixes their
+        logits (guided_rows, mix_guided). use_cache=False recomputes the whole sequence at every step (slow;
+        kept as the reference the cache is tested against). Repeat rows of `embeddings` (repeat_interleave)
+        to draw many samples per condition in one batch."""
+        B = embeddings.shape[0]
+        embeddings, drop, copies = guided_rows(embeddings, guidance)
+        tokens = torch.zeros(embeddings.shape[0], self.cfg.n_tokens, dtype=torch.long, device=embeddings.device)
         cache = KVCache(self.cfg.n_layer, self.cfg.n_prefix + self.cfg.n_tokens) if use_cache else None
         for t in range(self.cfg.n_tokens):
             fed = tokens[:, t - 1:t] if use_cache and t > 0 else tokens[:, :t]  # the new token, or all so far
-            logits = self(embeddings, fed, drop, cache)[:, -1].float()  # (B or 2B, vocab): the next position
-            if guidance != 1.0:
-                c, u = logits.chunk(2)
-                logits = u + guidance * (c - u)
-            nxt = sample_from_logits(logits, temperature, top_k, top_p, generator)  # (B,)
-            tokens[:, t] = torch.cat([nxt, nxt]) if guidance != 1.0 else nxt  # both halves continue alike
+            logits = self(embeddings, fed, drop, cache)[:, -1].float()  # (copies x B, vocab): the next position
+            nxt = sample_from_logits(mix_guided(logits, B, guidance), temperature, top_k, top_p, generator)  # (B,)
+            tokens[:, t] = nxt.repeat(copies)  # every copy of a sample continues alike
         return tokens[:B]
 
     def use_matvec_layout(self):
@@ -207,6 +203,30 @@ class Prior(nn.Module):
             if isinstance(m, nn.Linear) and m.out_features >= m.in_features:
                 m.weight.data = m.weight.data.t().contiguous().t()
         return self
+
+
+def guided_rows(embeddings, guidance):
+    """The batch a guided sampler runs. embeddings (B, clip_dim), or (B, P, clip_dim): each sample's prompt
+    in P parts. -> (conditions (copies x B, clip_dim), drop (copies x B,), copies): rows p B .. p B + B - 1
+    hold part p; with guidance != 1 or several parts, a last block of B rows gets the null condition."""
+    parts = embeddings if embeddings.dim() == 3 else embeddings.unsqueeze(1)  # (B, P, clip_dim)
+    B, P, _ = parts.shape
+    rows = parts.transpose(0, 1).reshape(P * B, -1)
+    drop = torch.zeros(P * B, dtype=torch.bool, device=rows.device)
+    if guidance != 1.0 or P > 1:
+        rows, drop = torch.cat([rows, parts[:, 0]]), torch.cat([drop, torch.ones_like(drop[:B])])
+    return rows, drop, len(rows) // B
+
+
+def mix_guided(scores, B, guidance):
+    """(copies x B, ...) scores of guided_rows' batch -> (B, ...). One condition and the null one:
+    classifier-free guidance, uncond + guidance * (cond - uncond) (Ho & Salimans 2022). P parts: their
+    conjunction, uncond + guidance * sum_p (cond_p - uncond): the AND of composable diffusion (Liu et al.
+    2022) applied to logits, the product of the parts' distributions over the unconditional one."""
+    if scores.shape[0] == B:
+        return scores
+    *conds, uncond = scores.split(B)
+    return uncond + guidance * sum(c - uncond for c in conds)
 
 
 def unit_condition(embeddings, drop, null_embedding, embedding_mean, remove_mean):

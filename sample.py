@@ -34,7 +34,8 @@ from clipgen import CLIPGen
 def build_parser():
     p = argparse.ArgumentParser(description="Generate images from text with a trained CLIP-GEN run.",
                                 formatter_class=runtime.HelpFormatter)
-    p.add_argument("prompts", nargs="*", help="one or more prompts")
+    p.add_argument("prompts", nargs="*", help="one or more prompts; \"A AND B\" draws what both parts describe "
+                   "(composable guidance)")
     p.add_argument("--prompts", dest="prompts_file", metavar="FILE", type=runtime.existing_file,
                    help="a text file with one prompt per line")
     p.add_argument("--image", type=runtime.existing_file, help="make variations of this image instead of following a prompt")
@@ -88,6 +89,10 @@ def parse_args(argv=None):
         p.error("give a prompt (python sample.py \"a dog\"), --prompts FILE or --image PATH")
     if any(not prompt.strip() for prompt in args.prompts):
         p.error("empty prompt: describe the image you want, e.g. \"a photo of a dog\"")
+    for prompt in args.prompts:
+        if any(not part.strip() for part in prompt.split(" AND ")):
+            p.error(f"prompt {prompt!r} has an empty part: \"A AND B\" composes two descriptions, so give text on "
+                    f"both sides of AND")
     if args.eval_real and not args.prompts:
         p.error("--eval-real needs prompts: the CLIP score compares images with their prompts")
     if args.fid and not args.eval_real:

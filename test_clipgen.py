@@ -980,6 +980,42 @@ def test_tiny_prior_overfits_cached_tokens():
 # ===========================================================================================================
 # Stage 2, the other prior: CLIP-VQDiffusion's discrete diffusion (diffusion.py)
 
+def test_a_prompt_in_parts_samples_their_conjunction():
+    """Composable guidance: greedy decoding by hand with uncond + g * sum_p (cond_p - uncond) over two parts;
+    one part in a (B, 1, clip_dim) tensor is ordinary sampling."""
+    model = tiny_prior().eval()
+    parts = torch.randn(2, 2, 32)  # (B, P, clip_dim)
+    g = 1.5
+    greedy = model.sample(parts, temperature=0, guidance=g)
+    tokens = torch.zeros(2, 0, dtype=torch.long)
+    emb = torch.cat([parts[:, 0], parts[:, 1], parts[:, 0]])  # part 0, part 1, then the null condition's rows
+    drop = torch.tensor([False] * 4 + [True] * 2)
+    for _ in range(64):
+        c0, c1, u = model(emb, tokens.repeat(3, 1), drop)[:, -1].chunk(3)
+        tokens = torch.cat([tokens, (u + g * ((c0 - u) + (c1 - u))).argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(greedy, tokens)
+    assert not torch.equal(greedy, model.sample(parts[:, 0], temperature=0, guidance=g))  # the second part counts
+    kwargs = dict(top_k=50, guidance=2.0)
+    assert torch.equal(model.sample(parts[:, :1], generator=torch.Generator().manual_seed(3), **kwargs),
+                       model.sample(parts[:, 0], generator=torch.Generator().manual_seed(3), **kwargs))
+
+
+def test_generate_composes_a_prompt_in_parts_end_to_end():
+    """"A AND A" at guidance g is "A" at 2g: (c - u) + (c - u) = 2 (c - u), and its ranking target, the parts'
+    mean embedding, is A's own: the same images and CLIP scores, through the parsing in generate."""
+    gen = untrained_toy_generator()
+    with torch.no_grad():  # decisive logits that depend on the prompt: no near-ties for float noise to flip
+        gen.prior.head.weight.mul_(30)
+        gen.prior.cond_proj.weight.mul_(10)
+    kwargs = dict(n=3, keep=3, temperature=0)
+    composed = gen.generate(["a red letter a AND a red letter a"], guidance=1.5, **kwargs)[0]
+    plain = gen.generate(["a red letter a"], guidance=3.0, **kwargs)[0]
+    assert [np.asarray(im).tobytes() for im, _ in composed] == [np.asarray(im).tobytes() for im, _ in plain]
+    assert [round(s, 4) for _, s in composed] == [round(s, 4) for _, s in plain]
+    other = gen.generate(["a red letter a AND a blue letter x"], guidance=1.5, **kwargs)[0]
+    assert [np.asarray(im).tobytes() for im, _ in other] != [np.asarray(im).tobytes() for im, _ in composed]
+
+
 TINY_DIFFUSION = diffusion.DiffusionConfig(vocab_size=6, n_tokens=16, n_layer=2, n_head=2, n_embd=64, clip_dim=8,
                                            n_steps=10)
 
@@ -1067,6 +1103,22 @@ def test_diffusion_sampling_shapes_and_determinism(steps):
     assert not torch.equal(a, model.sample(emb, generator=torch.Generator().manual_seed(2), **kwargs))
     with pytest.raises(ValueError, match="steps must be in 1..10"):
         model.sample(emb, steps=11)
+
+
+def test_diffusion_prompt_in_parts_composes_like_the_gpt():
+    """The diffusion sampler takes (B, P, clip_dim) too: the same part twice at guidance g is that part at 2g,
+    one part is ordinary sampling, two different parts draw something else."""
+    model = tiny_diffusion().eval()
+    with torch.no_grad():  # make the condition matter, as below
+        model.cond_proj.weight.mul_(50)
+        for block in model.blocks:
+            block.ada_cond[1].weight.normal_(0, 0.5)
+    parts = torch.randn(2, 2, 8)
+    draw = lambda cond, g: model.sample(cond, temperature=0, steps=4, guidance=g, generator=torch.Generator().manual_seed(3))
+    twice = draw(parts[:, [0, 0]], 1.5)
+    assert torch.equal(twice, draw(parts[:, 0], 3.0))
+    assert torch.equal(draw(parts[:, :1], 3.0), draw(parts[:, 0], 3.0))
+    assert not torch.equal(draw(parts, 1.5), twice)
 
 
 def test_diffusion_guidance_1_is_the_conditional_sampler():
@@ -1264,6 +1316,8 @@ def test_sample_script_bad_input(trained_run, tmp_path, capsys, monkeypatch):
         return (1, code) if isinstance(code, str) else (code, capsys.readouterr().err)  # sys.exit("msg") -> 1
     code, err = exits("  ", *run)
     assert code == 2 and "empty prompt" in err
+    code, err = exits("a red square AND ", *run)
+    assert code == 2 and "empty part" in err and "'a red square AND '" in err
     code, err = exits("--image", str(tmp_path / "missing.jpg"), *run)
     assert code == 2 and "no such file" in err
     code, err = exits("a dog", "--image", str(trained_run / "imgs" / "img00.png"), *run)
@@ -2224,9 +2278,9 @@ def test_diagnose_command_appends_each_row_once_per_guidance(tmp_path, monkeypat
     """A grid stopped and started again measures nothing twice, and rows at another guidance are new rows."""
     calls = []
 
-    def stub_diagnose(gen, world, n, keep, seeds, guidance):
-        calls.append(guidance)
-        return {row: {"seen": guidance / 10} for row in ("image, all", "text, all")}
+    def stub_diagnose(gen, world, n, keep, seeds, conditions, guidance):
+        calls.append((guidance, *conditions))
+        return {f"{c}, all": {"seen": guidance / 10} for c in conditions}
     monkeypatch.setattr(clipgen.CLIPGen, "from_checkpoint", staticmethod(lambda *a, **k: untrained_toy_generator()))
     monkeypatch.setattr(data, "load_checkpoint", lambda path, kind: {"step": 250})
     monkeypatch.setattr(toyworld, "diagnose", stub_diagnose)
@@ -2235,10 +2289,33 @@ def test_diagnose_command_appends_each_row_once_per_guidance(tmp_path, monkeypat
     for guidance in ("2", "2", "1"):
         toyworld.main(["diagnose", "--run", str(tmp_path), "--out", str(out), "--last", "--guidance", guidance])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert calls == [2.0, 1.0]
+    assert calls == [(2.0, "image", "text"), (1.0, "image", "text")]
     assert [(r["row"], r["guidance"]) for r in rows] == [("reconstructions", 2.0), ("image, all", 2.0), ("text, all", 2.0),
                                                         ("reconstructions", 1.0), ("image, all", 1.0), ("text, all", 1.0)]
     assert rows[1]["step"] == 250 and rows[1]["seen"] == 0.2
+    # --parts later: only the prompts in parts are measured, the rows already there are kept.
+    toyworld.main(["diagnose", "--run", str(tmp_path), "--out", str(out), "--last", "--guidance", "1", "--parts"])
+    assert calls[2:] == [(1.0, "parts")] and json.loads(out.read_text().splitlines()[-1])["row"] == "parts, all"
+
+
+@pytest.mark.parametrize("world", list(toyworld.WORLDS.values()), ids=list(toyworld.WORLDS))
+def test_the_parts_condition_asks_each_combination_in_two_parts_the_toy_clip_reads(world, monkeypatch):
+    """The "parts" prompts name the colour and the second attribute apart, and the world's tiny CLIP reads
+    each part: every fresh image is nearest to its own colour part and its own value part."""
+    gen = untrained_toy_generator()
+    asked = []
+    monkeypatch.setattr(gen, "generate", lambda prompts, **k: asked.extend(prompts) or [[] for _ in prompts])
+    toyworld.sample_and_rank(gen, world, 2, 0, condition="parts")
+    assert asked == [world.parts(v, c) for v, c in world.combinations] and all(" AND " in a for a in asked)
+    model = clip_loader.load(world.clip_file)[0]
+    images, labels = toyworld.fresh_images(2, seed="parts", world=world)
+    with torch.no_grad():
+        img = F.normalize(model.encode_image(clip_loader.preprocess_tensor(images, model.arch.image_resolution)), dim=-1)
+        for i, (kind, names) in enumerate((("value", world.values), ("colour", list(world.colours)))):
+            prompts = [world.parts(n, next(iter(world.colours))).split(" AND ")[1] if kind == "value" else
+                       world.parts(world.values[0], n).split(" AND ")[0] for n in names]
+            text = F.normalize(model.encode_text(clip_loader.tokenize(prompts, model.arch.context_length)), dim=-1)
+            assert [names[j] for j in (img @ text.t()).argmax(1).tolist()] == [y[i] for y in labels]
 
 
 # ===========================================================================================================

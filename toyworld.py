@@ -60,6 +60,7 @@ class World:
     render: object  # (value, colour, seed, size) -> RGB PIL image, a deterministic function of its arguments
     read: object  # image -> (value, colour), None for what can not be read
     captions: object  # (value, colour) -> its captions; the first is the prompt evaluate asks
+    parts: object  # (value, colour) -> the prompt in two parts, "colour AND value" (composable guidance)
     clip_file: str  # the world's gapped tiny CLIP
 
     @property
@@ -146,6 +147,7 @@ LETTERS_WORLD = World(
     held_out=(("A", "blue"), ("O", "yellow"), ("T", "red"), ("X", "green")),  # a Latin square
     render=render, read=read_attributes,
     captions=lambda letter, colour: [t.format(colour=colour, letter=letter.lower()) for t in LETTER_TEMPLATES],
+    parts=lambda letter, colour: f"something {colour} AND the letter {letter.lower()}",
     clip_file=os.path.join(HERE, "toyclip.pt"))
 
 # -----------------------------------------------------------------------------------------------------------
@@ -159,6 +161,8 @@ TEXTURE_CAPTIONS = {"stripes": ("a {colour} striped patch", "a patch of {colour}
                     "dots": ("a {colour} dotted patch", "a patch of {colour} dots", "{colour} dots"),
                     "checks": ("a {colour} checked patch", "a patch of {colour} checks", "{colour} checks"),
                     "plain": ("a plain {colour} patch", "a patch of solid {colour}", "solid {colour}")}
+TEXTURE_PARTS = {"stripes": "a striped patch", "dots": "a dotted patch", "checks": "a checked patch",
+                 "plain": "a plain patch"}
 TINT = 0.45
 
 
@@ -221,6 +225,7 @@ TEXTURES_WORLD = World(
     held_out=(("stripes", "blue"), ("dots", "yellow"), ("checks", "red"), ("plain", "green")),
     render=render_texture, read=read_texture,
     captions=lambda texture, colour: [t.format(colour=colour) for t in TEXTURE_CAPTIONS[texture]],
+    parts=lambda texture, colour: f"something {colour} AND {TEXTURE_PARTS[texture]}",
     clip_file=os.path.join(HERE, "toyclip_textures.pt"))
 
 WORLDS = {w.name: w for w in (LETTERS_WORLD, TEXTURES_WORLD)}
@@ -341,10 +346,12 @@ def sample_and_rank(gen, world, n, seed, condition="text", **sampling):
     [(PIL image, score)] lists. condition "text" conditions the prior on the prompt's CLIP text embedding,
     as sample.py does; "image" on the CLIP image embedding of a fresh image of the combination (one per seed),
     what the prior was trained on: the two tell the modality gap (image against text) from composition
-    (seen against held out under the image condition)."""
+    (seen against held out under the image condition). "parts": the prompt in parts (world.parts), each
+    embedded alone and composed by the sampler."""
     captions = [world.caption(v, c) for v, c in world.combinations]
-    if condition == "text":
-        return gen.generate(captions, n=n, keep=n, seed=seed, **sampling)
+    if condition in ("text", "parts"):
+        prompts = captions if condition == "text" else [world.parts(v, c) for v, c in world.combinations]
+        return gen.generate(prompts, n=n, keep=n, seed=seed, **sampling)
     x, _ = fresh_images(1, seed=("condition", seed), size=gen.vqgan.cfg.image_size, world=world)
     images = gen.sample_images(gen.embed_images(x), n, seed=seed, **sampling)  # (P, n, 3, H, W)
     return gen.rerank(images, gen.embed_text(captions), n)
@@ -368,13 +375,13 @@ def evaluate(gen, n=8, keep=2, seeds=1, world=LETTERS_WORLD, condition="text", *
             "frechet": metrics["frechet_distance"], "seconds_per_sample": seconds}
 
 
-def diagnose(gen, world, n=16, keep=8, seeds=1, **sampling):
+def diagnose(gen, world, n=16, keep=8, seeds=1, conditions=("image", "text"), **sampling):
     """Where a prompt is lost (issue 22's diagnosis): the prior conditioned on fresh images' CLIP embeddings
-    and on the prompts' text embeddings, each scored on all n samples (the prior alone) and on the best
-    `keep` CLIP keeps of them (as sample.py serves). -> {"image, all": scores(), "image, best K": ...,
-    "text, all": ..., "text, best K": ...}, per_combination left out."""
+    and on the prompts' text embeddings (and, with "parts" in `conditions`, on the prompts in parts), each
+    scored on all n samples (the prior alone) and on the best `keep` CLIP keeps of them (as sample.py serves).
+    -> {"image, all": scores(), "image, best K": ..., "text, all": ..., ...}, per_combination left out."""
     rows = {}
-    for condition in ("image", "text"):
+    for condition in conditions:
         reads = {combo: [] for combo in world.combinations}  # per seed, the ranked samples' reads
         for seed in range(seeds):
             for combo, ranked in zip(world.combinations, sample_and_rank(gen, world, n, seed, condition, **sampling)):
@@ -419,9 +426,10 @@ def main(argv=None):
     s.add_argument("--keep", type=int, default=2, help="kept per prompt, by CLIP score")
     s.add_argument("--seeds", type=int, default=1,
                    help="repeat with sampling seeds 0..SEEDS-1 (more samples, less noise)")
-    s.add_argument("--condition", choices=["text", "image"], default="text",
-                   help="condition the prior on the prompt's CLIP text embedding (as sample.py), or on the "
-                        "image embedding of a fresh image of the combination (a diagnosis)")
+    s.add_argument("--condition", choices=["text", "image", "parts"], default="text",
+                   help="condition the prior on the prompt's CLIP text embedding (as sample.py), on the "
+                        "image embedding of a fresh image of the combination (a diagnosis), or on the prompt in "
+                        "parts, 'colour AND value' (composable guidance)")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=None)
@@ -438,6 +446,8 @@ def main(argv=None):
     s.add_argument("--seeds", type=int, default=1, help="sampling seeds 0..SEEDS-1")
     s.add_argument("--last", action="store_true", help="only the newest prior checkpoint (prior.pt)")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (kept in each row)")
+    s.add_argument("--parts", action="store_true", help="also condition on each prompt in parts, 'colour AND "
+                                                        "value' (composable guidance): rows 'parts, ...'")
     for s in sub.choices.values():
         s.add_argument("--world", choices=list(WORLDS), default="letters", help="which toy world")
     args = p.parse_args(argv)
@@ -492,8 +502,10 @@ def diagnose_command(args, world):
         if (run, 0, "reconstructions", args.guidance) not in done:
             append(0, "reconstructions", reconstruction_report(gen.vqgan, world=world))
             done.add((run, 0, "reconstructions", args.guidance))
-        if any((run, step, row, args.guidance) not in done for row in ("image, all", "text, all")):
-            for row, values in diagnose(gen, world, n=args.n, keep=args.keep, seeds=args.seeds,
+        conditions = ("image", "text") + ("parts",) * args.parts
+        todo = [c for c in conditions if (run, step, f"{c}, all", args.guidance) not in done]
+        if todo:
+            for row, values in diagnose(gen, world, n=args.n, keep=args.keep, seeds=args.seeds, conditions=todo,
                                         guidance=args.guidance).items():
                 append(step, row, values)
 
