@@ -2121,6 +2121,14 @@ def test_stage_two_takes_its_image_size_from_the_vqgan(scale_setup, capsys):
     train.main([*args, "--stage", "prior", "--prior-steps", "2", "--embed-loss-weight", "0"])
     assert clipgen.load_prior(os.path.join(out, "prior.pt"))[0].cfg.n_tokens == 12 * 12  # 48 px / 4
     assert Image.open(os.path.join(out, "prior_0000002.png")).size[0] == 2 * 48 + 3 * 2  # 2 held-out images
+    # The prior's depth and width from the flags, its heads at the preset's size (tiny: 64 wide, 2 heads of 32);
+    # a resume with another width is refused, naming the flag.
+    shaped = [*args, "--stage", "prior", "--embed-loss-weight", "0", "--prior-layers", "3", "--prior-width", "96"]
+    train.main([*shaped, "--prior-steps", "2", "--overwrite"])
+    cfg = clipgen.load_prior(os.path.join(out, "prior.pt"))[0].cfg
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head) == (3, 96, 3)
+    with pytest.raises(SystemExit, match="--prior-width gives n_head = 2 but .* trained with 3"):
+        train.main([*shaped[:-2], "--prior-steps", "4", "--resume"])
 
 
 def test_scripts_refuse_bad_arguments(tmp_path, capsys):
@@ -2133,7 +2141,8 @@ def test_scripts_refuse_bad_arguments(tmp_path, capsys):
                           (["--prior", "diffusion", "--adaln"], "always conditioned by adaLN"),
                           (["--prior", "diffusion", "--embed-loss-weight", "0.1"], "does not use it"),
                           (["--aux-loss-weight", "1"], "add --prior diffusion"),
-                          (["--hue-jitter", "0.7"], "--hue-jitter: must be in [0, 0.5]")):
+                          (["--hue-jitter", "0.7"], "--hue-jitter: must be in [0, 0.5]"),
+                          (["--preset", "small", "--prior-width", "100"], "--prior-width 100: give a multiple of 32")):
         with pytest.raises(SystemExit) as e:
             train.parse_args(["--data", str(tmp_path), *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err

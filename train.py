@@ -47,6 +47,15 @@ def recipe_help(text, name):
     return f"{text} (default: the preset's; {values})"
 
 
+def prior_shape_help(text, field):
+    """Help for a flag whose default is a field of the preset's prior (the diffusion prior's where it differs)."""
+    values = []
+    for name, preset in PRESETS.items():
+        gpt, diff = getattr(preset.prior, field), getattr(preset.diffusion, field)
+        values.append(f"{name} {gpt}" + (f" (diffusion {diff})" if diff != gpt else ""))
+    return f"{text} (default: the preset's; {', '.join(values)})"
+
+
 def build_parser():
     """Every flag of train.py, in --help's order (a test checks the README's table against it)."""
     p = argparse.ArgumentParser(description="Train CLIP-GEN on a folder of images (no captions).",
@@ -118,6 +127,10 @@ def add_stage2_flags(g):
     g.add_argument("--prior-steps", type=at_least(1), help=recipe_help("optimizer steps of stage 2", "prior_steps"))
     g.add_argument("--prior-lr", type=runtime.positive, help=recipe_help("peak AdamW learning rate of the prior",
                                                                          "prior_lr"))
+    # Where stage 2's compute goes: depth and width of either prior (the heads keep the preset's size).
+    g.add_argument("--prior-layers", type=at_least(1), help=prior_shape_help("transformer blocks of the prior", "n_layer"))
+    g.add_argument("--prior-width", type=at_least(1),
+                   help=prior_shape_help("width of the prior, a multiple of its heads' size", "n_embd"))
     g.add_argument("--warmup", type=at_least(1), help="linear warm-up steps, then cosine decay to 10%% (default: "
                                                       "1000, or a tenth of --prior-steps if that is less)")
     g.add_argument("--weight-decay", type=at_least(0.0), default=0.01, help="AdamW weight decay of the matrices")
@@ -171,6 +184,10 @@ def parse_args(argv=None):
         p.error("--aux-loss-weight weighs a loss of the diffusion prior; add --prior diffusion, or drop it")
     if args.prior == "diffusion" and args.adaln:
         p.error("--adaln is an option of the GPT prior; the diffusion prior is always conditioned by adaLN")
+    head_size = preset_prior(args).n_embd // preset_prior(args).n_head
+    if args.prior_width is not None and args.prior_width % head_size:
+        p.error(f"--prior-width {args.prior_width}: give a multiple of {head_size}, the size of the "
+                f"--preset {args.preset} prior's attention heads")
     downsample = preset.vqgan.downsample
     if args.image_size is not None and (args.image_size < downsample or args.image_size % downsample):
         p.error(f"--image-size must be a positive multiple of {downsample} for preset {args.preset!r}")
@@ -498,14 +515,23 @@ def prior_step(model, raw_model, opt, micro_batches, embed_rows, vq, clip_model,
     return logs
 
 
+def preset_prior(args):
+    """The --preset's config of the --prior."""
+    return PRESETS[args.preset].diffusion if args.prior == "diffusion" else PRESETS[args.preset].prior
+
+
 def prior_config(args, vq, clip_model):
     """The preset's prior (--prior) with its vocabulary, sequence length and condition size read off the
-    VQGAN and CLIP actually used, and the conditioning flags."""
+    VQGAN and CLIP actually used, its depth and width from the flags, and the conditioning flags."""
+    base = preset_prior(args)
     sizes = dict(vocab_size=vq.cfg.codebook_size, n_tokens=vq.cfg.tokens_per_side ** 2,
-                 clip_dim=clip_model.arch.embed_dim, remove_mean=args.remove_mean)
+                 clip_dim=clip_model.arch.embed_dim, remove_mean=args.remove_mean,
+                 n_layer=args.prior_layers or base.n_layer)
+    if args.prior_width is not None:
+        sizes.update(n_embd=args.prior_width, n_head=args.prior_width // (base.n_embd // base.n_head))
     if args.prior == "diffusion":
-        return replace(PRESETS[args.preset].diffusion, **sizes)
-    return replace(PRESETS[args.preset].prior, adaln=args.adaln, **sizes)
+        return replace(base, **sizes)
+    return replace(base, adaln=args.adaln, **sizes)
 
 
 def prior_model(cfg, args, embeddings, n_train, ckpt, proc):
