@@ -33,6 +33,7 @@ class PriorConfig:
     adaln: bool = False  # also modulate every block's LayerNorms with the embedding (CLIP-VQDiffusion)
     remove_mean: bool = False  # project the training images' mean embedding out of every condition (ours)
     gelu: str = "none"  # nn.GELU's `approximate`: exact, as nanoGPT (a CPU runs it 3.6x faster than "tanh")
+    embed_head: bool = False  # a head predicting the image's CLIP embedding at every position (ours; training only)
     dropout: float = 0.0
 
 
@@ -125,6 +126,7 @@ class Prior(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(C)
         self.head = nn.Linear(C, cfg.vocab_size, bias=False)
+        self.embed_head = nn.Linear(C, cfg.clip_dim) if cfg.embed_head else None  # embedding_prediction_loss
         # GPT-2's initialisation: N(0, 0.02) everywhere, residual projections scaled down by the depth, and
         # the adaLN modulations at zero so every block starts as a plain pre-LN block.
         for name, p in self.named_parameters():
@@ -142,14 +144,15 @@ class Prior(nn.Module):
         return unit_condition(embeddings, drop, self.null_embedding, self.embedding_mean,
                               self.cfg.remove_mean).to(self.cond_proj.weight.dtype)
 
-    def forward(self, embeddings, tokens, drop=None, cache=None):
+    def forward(self, embeddings, tokens, drop=None, cache=None, predict_embedding=False):
         """embeddings: (B, clip_dim) CLIP embeddings; tokens: (B, T) image tokens; drop: (B,) bool, rows
         that get the null condition. The condition is computed here, inside forward, so that under DDP every
         parameter (the null embedding too) is part of the graph DDP watches.
 
         Without a cache, or with an empty one: returns logits (B, T + 1, vocab) for image positions 0..T (all
         n_tokens of them when fed tokens[:, :-1] in training). With a KVCache that holds the prefix and
-        earlier tokens: `tokens` are the next positions only, logits are for the position after each."""
+        earlier tokens: `tokens` are the next positions only, logits are for the position after each.
+        predict_embedding: also return embed_head's (B, T + 1, clip_dim) guesses of the image's embedding."""
         B, T = tokens.shape
         P = self.cfg.n_prefix
         cond = self.condition(embeddings, drop)  # (B, clip_dim), unit norm
@@ -167,7 +170,10 @@ class Prior(nn.Module):
             x = block(x, c, cache, i)
         if cache is not None:
             cache.length += x.shape[1]
-        return self.head(self.ln_f(x[:, first:]))  # (B, T + 1 or T, vocab)
+        h = self.ln_f(x[:, first:])
+        if predict_embedding:
+            return self.head(h), self.embed_head(h)
+        return self.head(h)  # (B, T + 1 or T, vocab)
 
     @torch.no_grad()
     def sample(self, embeddings, temperature=1.0, top_k=None, top_p=None, guidance=1.0, generator=None,
@@ -320,6 +326,16 @@ def clipgen_loss(logits, tokens, embeddings, drop, embed_weight=0.0, embed_rows=
         kept = (~drop[:k]).float()  # (k,); a mask, not an index, so no wait for the GPU
         embed = (per_row * kept).sum() / kept.sum().clamp_min(1)
     return ce + embed_weight * embed, ce, embed
+
+
+def embedding_prediction_loss(predicted, embeddings):
+    """An auxiliary objective of ours (issue 22): through a linear head, every position predicts the CLIP
+    embedding of the image being drawn from the condition and the tokens so far. -> 1 - cosine, averaged over
+    positions and rows. predicted (B, n_tokens, clip_dim) from forward(..., predict_embedding=True);
+    embeddings (B, clip_dim) the images' own. Rows given the null condition count too: there the tokens alone
+    must tell what is being drawn. The aim is to keep the image's content, the second attribute as well as
+    the colour, readable in the hidden state of every position, far from the prefix that states it."""
+    return (1 - F.cosine_similarity(predicted.float(), embeddings.float().unsqueeze(1), dim=-1)).mean()
 
 
 def from_checkpoint(ckpt, path, device="cpu"):

@@ -583,7 +583,8 @@ def checkpoint(kind, cfg, step, batch, args, proc, **state):
 
 # Config fields that a flag other than --preset decides.
 FLAG_OF_FIELD = {"image_size": "--image-size", "adaln": "--adaln", "clip_dim": "--clip", "remove_mean": "--remove-mean",
-                 "n_layer": "--prior-layers", "n_embd": "--prior-width", "n_head": "--prior-width"}
+                 "n_layer": "--prior-layers", "n_embd": "--prior-width", "n_head": "--prior-width",
+                 "embed_head": "--embed-pred-weight"}
 
 
 def refuse_changed_run(ckpt, ckpt_path, config, prior_type, preset, seed, global_batch, clip=(None, None),

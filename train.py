@@ -146,6 +146,9 @@ def add_stage2_flags(g):
     g.add_argument("--embed-loss-batch", type=at_least(1), default=4, help="...on this many images of the batch")
     g.add_argument("--gumbel-tau", type=runtime.positive, default=1.0, help="Gumbel-softmax temperature of that loss")
     g.add_argument("--gumbel-hard", action="store_true", help="straight-through one-hot Gumbel samples")
+    g.add_argument("--embed-pred-weight", type=at_least(0.0), default=0.0,
+                   help="weight of an auxiliary loss: every position of the GPT prior predicts the image's CLIP "
+                        "embedding (ours; 0: off)")
     # Noise around the image embedding, so that the prior accepts the text embeddings it meets at inference.
     g.add_argument("--pseudo-text-alpha", type=at_least(0.0), default=0.0,
                    help="noise level of pseudo-text embeddings (CLIP-VQDiffusion/LAFITE); 0: off, as CLIP-GEN")
@@ -180,6 +183,8 @@ def parse_args(argv=None):
     # Each prior has its own auxiliary loss and conditioning; asking for the other's is a mistake, not a no-op.
     if args.prior == "diffusion" and args.embed_loss_weight > 0:
         p.error("--embed-loss-weight is CLIP-GEN's loss for the GPT prior; the diffusion prior does not use it")
+    if args.prior == "diffusion" and args.embed_pred_weight > 0:
+        p.error("--embed-pred-weight trains a head of the GPT prior; the diffusion prior has none")
     if args.prior == "ar" and args.aux_loss_weight != diffusion.AUX_LOSS_WEIGHT:
         p.error("--aux-loss-weight weighs a loss of the diffusion prior; add --prior diffusion, or drop it")
     if args.prior == "diffusion" and args.adaln:
@@ -495,11 +500,16 @@ def prior_step(model, raw_model, opt, micro_batches, embed_rows, vq, clip_model,
                     names = ("vlb", "aux")
                 else:
                     # Teacher forcing: after the condition's prefix, tokens 0..n-2 predict tokens 0..n-1.
-                    logits = model(condition, tokens[:, :-1], draws["drop"])  # (b, n_tokens, vocab)
+                    predicting = raw_model.cfg.embed_head
+                    out = model(condition, tokens[:, :-1], draws["drop"], predict_embedding=predicting)
+                    logits, predicted = out if predicting else (out, None)  # (b, n_tokens, vocab / clip_dim)
                     loss, *terms = prior.clipgen_loss(logits, tokens, embeddings, draws["drop"],
                                                       args.embed_loss_weight, embed_rows if i == 0 else 0, vq,
                                                       clip_model, args.gumbel_tau, args.gumbel_hard)
                     names = ("ce", "embed")
+                    if predicting:
+                        pred = prior.embedding_prediction_loss(predicted, embeddings)
+                        loss, terms, names = loss + args.embed_pred_weight * pred, [*terms, pred], (*names, "pred")
             scaler.scale(loss / n).backward()
         for name, value in zip(("loss", *names), (loss, *terms)):
             if name == "embed":  # computed on the first micro-batch alone
@@ -531,7 +541,7 @@ def prior_config(args, vq, clip_model):
         sizes.update(n_embd=args.prior_width, n_head=args.prior_width // (base.n_embd // base.n_head))
     if args.prior == "diffusion":
         return replace(base, **sizes)
-    return replace(base, adaln=args.adaln, **sizes)
+    return replace(base, adaln=args.adaln, embed_head=args.embed_pred_weight > 0, **sizes)
 
 
 def prior_model(cfg, args, embeddings, n_train, ckpt, proc):
@@ -618,7 +628,7 @@ def train_prior(args, images, proc):
         if step % args.log_every == 0 or step == args.prior_steps:  # the one wait for the GPU, so rare
             guard.check()
             terms = {"vlb": logs["vlb"], "aux": logs["aux"]} if args.prior == "diffusion" else \
-                {"ce": logs["ce"], "embed": embed_loss}
+                {"ce": logs["ce"], "embed": embed_loss, **({"pred": logs["pred"]} if "pred" in logs else {})}
             shown = runtime.mean_over_ranks(terms, proc.device)
             if proc.master:
                 print(f"step {step:>6}/{args.prior_steps} | {' '.join(f'{k} {v:.4f}' for k, v in shown.items())} | "
