@@ -36,6 +36,10 @@ class DiffusionConfig:
     gelu: str = "none"  # as in PriorConfig
     dropout: float = 0.0
 
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
 
 AUX_LOSS_WEIGHT = 5e-4  # lambda of the auxiliary x0 loss in VQ-Diffusion's released configs (train.py's default)
 

@@ -36,6 +36,10 @@ class PriorConfig:
     embed_head: bool = False  # a head predicting the image's CLIP embedding at every position (ours; training only)
     dropout: float = 0.0
 
+    @property
+    def head_size(self):
+        return self.n_embd // self.n_head
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention; causal for the GPT, bidirectional for the diffusion prior (diffusion.py)."""

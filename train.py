@@ -189,7 +189,7 @@ def parse_args(argv=None):
         p.error("--aux-loss-weight weighs a loss of the diffusion prior; add --prior diffusion, or drop it")
     if args.prior == "diffusion" and args.adaln:
         p.error("--adaln is an option of the GPT prior; the diffusion prior is always conditioned by adaLN")
-    head_size = preset_prior(args).n_embd // preset_prior(args).n_head
+    head_size = preset_prior(args).head_size
     if args.prior_width is not None and args.prior_width % head_size:
         p.error(f"--prior-width {args.prior_width}: give a multiple of {head_size}, the size of the "
                 f"--preset {args.preset} prior's attention heads")
@@ -538,7 +538,7 @@ def prior_config(args, vq, clip_model):
                  clip_dim=clip_model.arch.embed_dim, remove_mean=args.remove_mean,
                  n_layer=args.prior_layers or base.n_layer)
     if args.prior_width is not None:
-        sizes.update(n_embd=args.prior_width, n_head=args.prior_width // (base.n_embd // base.n_head))
+        sizes.update(n_embd=args.prior_width, n_head=args.prior_width // base.head_size)
     if args.prior == "diffusion":
         return replace(base, **sizes)
     return replace(base, adaln=args.adaln, embed_head=args.embed_pred_weight > 0, **sizes)
