@@ -248,14 +248,19 @@ def unit_condition(embeddings, drop, null_embedding, embedding_mean, remove_mean
     Liang et al. 2022); trained on image embeddings alone, a prior would learn to expect that offset and
     meet text embeddings without it. The mean of the image embeddings points mostly along the offset, so
     removing it maps images and texts of the same content to nearby conditions."""
-    e = F.normalize(embeddings.float(), dim=-1)
-    if remove_mean:
-        m = F.normalize(embedding_mean.float(), dim=0)
-        e = F.normalize(e - (e @ m).unsqueeze(1) * m, dim=-1)
+    e = without_mean(embeddings, embedding_mean) if remove_mean else F.normalize(embeddings.float(), dim=-1)
     if drop is None:
         drop = torch.zeros(e.shape[0], dtype=torch.bool, device=e.device)
     # torch.where keeps the null embedding in the graph even when no row is dropped (DDP needs that).
     return torch.where(drop.unsqueeze(1), null_embedding.float().expand_as(e), e)
+
+
+def without_mean(embeddings, embedding_mean):
+    """(B, clip_dim) embeddings -> unit vectors with the direction of the (clip_dim,) mean embedding projected
+    out: what sets one image apart from the others, without the offset they all share."""
+    e = F.normalize(embeddings.float(), dim=-1)
+    m = F.normalize(embedding_mean.float(), dim=0)
+    return F.normalize(e - (e @ m).unsqueeze(1) * m, dim=-1)
 
 
 def filter_logits(logits, temperature=1.0, top_k=None, top_p=None):
@@ -332,14 +337,18 @@ def clipgen_loss(logits, tokens, embeddings, drop, embed_weight=0.0, embed_rows=
     return ce + embed_weight * embed, ce, embed
 
 
-def embedding_prediction_loss(predicted, embeddings):
+def embedding_prediction_loss(predicted, embeddings, embedding_mean):
     """An auxiliary objective of ours (issue 22): through a linear head, every position predicts the CLIP
     embedding of the image being drawn from the condition and the tokens so far. -> 1 - cosine, averaged over
     positions and rows. predicted (B, n_tokens, clip_dim) from forward(..., predict_embedding=True);
-    embeddings (B, clip_dim) the images' own. Rows given the null condition count too: there the tokens alone
-    must tell what is being drawn. The aim is to keep the image's content, the second attribute as well as
-    the colour, readable in the hidden state of every position, far from the prefix that states it."""
-    return (1 - F.cosine_similarity(predicted.float(), embeddings.float().unsqueeze(1), dim=-1)).mean()
+    embeddings (B, clip_dim) the images' own; embedding_mean (clip_dim,) the training images' mean. Rows given
+    the null condition count too: there the tokens alone must tell what is being drawn. The aim is to keep
+    the image's content, the second attribute as well as the colour, readable in the hidden state of every
+    position, far from the prefix that states it. The target is the embedding without the mean: image
+    embeddings share a large offset, and against it a head that predicts the mean alone would already score
+    a cosine near 1 and learn nothing of the content."""
+    target = without_mean(embeddings, embedding_mean).unsqueeze(1)  # (B, 1, clip_dim)
+    return (1 - F.cosine_similarity(predicted.float(), target, dim=-1)).mean()
 
 
 def from_checkpoint(ckpt, path, device="cpu"):

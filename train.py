@@ -508,7 +508,7 @@ def prior_step(model, raw_model, opt, micro_batches, embed_rows, vq, clip_model,
                                                       clip_model, args.gumbel_tau, args.gumbel_hard)
                     names = ("ce", "embed")
                     if predicting:
-                        pred = prior.embedding_prediction_loss(predicted, embeddings)
+                        pred = prior.embedding_prediction_loss(predicted, embeddings, raw_model.embedding_mean)
                         loss, terms, names = loss + args.embed_pred_weight * pred, [*terms, pred], (*names, "pred")
             scaler.scale(loss / n).backward()
         for name, value in zip(("loss", *names), (loss, *terms)):
