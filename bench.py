@@ -109,9 +109,8 @@ def vqgan_step(cfg, batch, device, precision, compile_model=False, fast=True, pe
         if perceptual else None
     opt_g = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, fused=True)
-    if compile_model:
-        torch._functorch.config.donated_buffer = False  # the adaptive GAN weight backprops twice (train.py)
-    wrapped = torch.compile(model) if compile_model else model
+    # One process, so no DDP; the adaptive GAN weight differentiates the loss twice, as in train.py.
+    wrapped = runtime.wrap_model(model, compile_model, runtime.Process(0, 1, device), double_backward=True)
     images = torch.rand(batch, 3, cfg.image_size, cfg.image_size, device=device).mul(2).sub(1)
     images = images.contiguous(memory_format=fmt)
 
@@ -157,7 +156,7 @@ def prior_step(cfg, batch, device, precision, compile_model=False, grad_clip=0.0
     is_diffusion = isinstance(cfg, diffusion.DiffusionConfig)
     model = (diffusion.DiffusionPrior if is_diffusion else prior.Prior)(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    wrapped = torch.compile(model) if compile_model else model
+    wrapped = runtime.wrap_model(model, compile_model, runtime.Process(0, 1, device))
     autocast = runtime.autocast(device, precision)
     tokens = torch.randint(cfg.vocab_size, (batch, cfg.n_tokens), device=device)
     emb = torch.randn(batch, cfg.clip_dim, device=device)
