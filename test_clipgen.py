@@ -2252,12 +2252,13 @@ class ChannelSwap(torch.nn.Module):
 
 
 def test_reconstruction_report_tells_letters_colours_and_held_out_combinations_apart():
+    each = lambda *shares: dict(zip(("blue A", "yellow O", "red T", "green X"), shares))
     assert toyworld.reconstruction_report(ChannelSwap(False), per_combination=2) == \
-        {"both": 1.0, "letter": 1.0, "colour": 1.0, "held_out": 1.0}
+        {"both": 1.0, "letter": 1.0, "colour": 1.0, "held_out": 1.0, "held_out_each": each(1.0, 1.0, 1.0, 1.0)}
     # As BGR only green stays green (red <-> blue, yellow reads blue); of the held-out combinations only
     # the green X is still right.
     assert toyworld.reconstruction_report(ChannelSwap(True), per_combination=2) == \
-        {"both": 0.25, "letter": 1.0, "colour": 0.25, "held_out": 0.25}
+        {"both": 0.25, "letter": 1.0, "colour": 0.25, "held_out": 0.25, "held_out_each": each(0.0, 0.0, 0.0, 1.0)}
 
 
 def test_toyworld_command_line_refuses_bad_input(tmp_path, capsys):
@@ -2316,6 +2317,8 @@ def test_diagnose_scores_each_condition_and_the_best_k_apart(monkeypatch):
     assert rows["text, best 1"]["seen"] == rows["text, best 1"]["held_out"] == 1.0
     assert rows["text, all"]["held_out"] == 0.25 and rows["text, all"]["seen"] == pytest.approx((1 + 3 / 12) / 4)
     assert rows["text, all"]["colour"] == pytest.approx((1 + 3 / 4) / 4)  # a quarter of the prompts ask for red
+    # Each held-out combination apart: one sample in four right, as for every prompt.
+    assert rows["text, all"]["held_out_each"] == {"blue A": 0.25, "yellow O": 0.25, "red T": 0.25, "green X": 0.25}
 
 
 def test_diagnose_command_appends_each_row_once_per_guidance(tmp_path, monkeypatch):
