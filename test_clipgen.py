@@ -2332,17 +2332,35 @@ def test_diagnose_command_appends_each_row_once_per_guidance(tmp_path, monkeypat
     monkeypatch.setattr(data, "load_checkpoint", lambda path, kind: {"step": 250})
     monkeypatch.setattr(toyworld, "diagnose", stub_diagnose)
     monkeypatch.setattr(toyworld, "reconstruction_report", lambda vq, world: {"both": 0.5})
+    monkeypatch.setattr(toyworld, "condition_geometry", lambda gen, world: {"text to own centre": {}})
     out = tmp_path / "rows.jsonl"
     for guidance in ("2", "2", "1"):
         toyworld.main(["diagnose", "--run", str(tmp_path), "--out", str(out), "--last", "--guidance", guidance])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert calls == [(2.0, "image", "text"), (1.0, "image", "text")]
-    assert [(r["row"], r["guidance"]) for r in rows] == [("reconstructions", 2.0), ("image, all", 2.0), ("text, all", 2.0),
-                                                        ("reconstructions", 1.0), ("image, all", 1.0), ("text, all", 1.0)]
-    assert rows[1]["step"] == 250 and rows[1]["seen"] == 0.2
+    once = ["reconstructions", "conditions", "image, all", "text, all"]
+    assert [(r["row"], r["guidance"]) for r in rows] == [(row, 2.0) for row in once] + [(row, 1.0) for row in once]
+    assert rows[2]["step"] == 250 and rows[2]["seen"] == 0.2
     # --parts later: only the prompts in parts are measured, the rows already there are kept.
     toyworld.main(["diagnose", "--run", str(tmp_path), "--out", str(out), "--last", "--guidance", "1", "--parts"])
     assert calls[2:] == [(1.0, "parts")] and json.loads(out.read_text().splitlines()[-1])["row"] == "parts, all"
+
+
+def test_condition_geometry_sees_the_conditions_as_the_prior_does():
+    """Through the gapped toy CLIP a prompt sits at cosine ~0.3 from its own images; with the training images'
+    mean projected out (--remove-mean), near 0.9. The nearest centre named is always a seen combination other
+    than the one asked."""
+    gen = untrained_toy_generator()
+    world = toyworld.LETTERS_WORLD
+    raw = toyworld.condition_geometry(gen, world, per_combination=4)
+    x, _ = toyworld.fresh_images(4, seed="mean", combinations=world.seen, world=world)
+    gen.prior.embedding_mean.copy_(gen.embed_images(x).mean(0))
+    gen.prior.cfg = replace(gen.prior.cfg, remove_mean=True)
+    centred = toyworld.condition_geometry(gen, world, per_combination=4)
+    assert all(0.2 < c < 0.4 for c in raw["text to own centre"].values()), raw
+    assert all(c > 0.85 for c in centred["text to own centre"].values()), centred
+    seen_names = {f"{c} {v}" for v, c in world.seen}
+    assert all(near in seen_names and near != asked for asked, (near, _) in centred["nearest seen centre"].items())
 
 
 @pytest.mark.parametrize("world", list(toyworld.WORLDS.values()), ids=list(toyworld.WORLDS))

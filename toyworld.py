@@ -45,6 +45,7 @@ from torchvision.utils import save_image
 import clip_loader
 import clipgen
 import data
+import prior
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -396,6 +397,30 @@ def diagnose(gen, world, n=16, keep=8, seeds=1, conditions=("image", "text"), **
 
 
 @torch.no_grad()
+def condition_geometry(gen, world, per_combination=32):
+    """Where each prompt's condition lies among the conditions the prior trained on, as this prior sees them
+    (mean removed if it was trained with --remove-mean). A combination's centre is the normalised mean of its
+    fresh images' conditions. -> {"text to own centre": {combination: cosine}, "nearest seen centre":
+    {combination: [seen combination, cosine]}}, the nearest other than itself. A held-out prompt can be near its
+    own images (the gap is closed) and still far from every condition trained on: the prior then has to compose,
+    as nothing it saw is close."""
+    x, _ = fresh_images(per_combination, seed="geometry", size=gen.clip.arch.image_resolution, world=world)
+    as_seen = lambda e: prior.without_mean(e, gen.prior.embedding_mean) if gen.prior.cfg.remove_mean else e
+    images = torch.cat([as_seen(gen.embed_images(x[i:i + 256])) for i in range(0, len(x), 256)])
+    centres = F.normalize(images.view(len(world.combinations), per_combination, -1).mean(1), dim=-1)  # (C, E)
+    texts = as_seen(gen.embed_text([world.caption(v, c) for v, c in world.combinations]))  # (C, E)
+    seen = [i for i, combo in enumerate(world.combinations) if combo not in world.held_out]
+    name = lambda i: " ".join(world.combinations[i][::-1])
+    own, nearest = {}, {}
+    for i in range(len(world.combinations)):
+        own[name(i)] = round((texts[i] @ centres[i]).item(), 3)
+        others = [j for j in seen if j != i]
+        cos = centres[others] @ centres[i]
+        nearest[name(i)] = [name(others[int(cos.argmax())]), round(cos.max().item(), 3)]
+    return {"text to own centre": own, "nearest seen centre": nearest}
+
+
+@torch.no_grad()
 def reconstruction_report(vq, per_combination=16, world=LETTERS_WORLD):
     """Readout of VQGAN reconstructions of fresh images, what the prior can at best reach: -> the shares
     with both attributes right ("both"), the second attribute (world.attribute), the colour, and both on
@@ -502,9 +527,12 @@ def diagnose_command(args, world):
     for path in priors:
         gen = clipgen.CLIPGen.from_checkpoint((os.path.join(args.run, "vqgan.pt"), path), device="cpu")
         step = data.load_checkpoint(path, "prior")["step"]
-        if (run, 0, "reconstructions", args.guidance) not in done:
-            append(0, "reconstructions", reconstruction_report(gen.vqgan, world=world))
-            done.add((run, 0, "reconstructions", args.guidance))
+        # Once per run: the tokenizer's ceiling, and where the prompts' conditions lie (the same at every step).
+        for row, measure in (("reconstructions", lambda: reconstruction_report(gen.vqgan, world=world)),
+                             ("conditions", lambda: condition_geometry(gen, world))):
+            if (run, 0, row, args.guidance) not in done:
+                append(0, row, measure())
+                done.add((run, 0, row, args.guidance))
         conditions = ("image", "text") + ("parts",) * args.parts
         todo = [c for c in conditions if (run, step, f"{c}, all", args.guidance) not in done]
         if todo:
