@@ -9,7 +9,7 @@ reranking DALL-E and CLIP-GEN both use). The prior is whichever train.py trained
 
     from clipgen import CLIPGen
     gen = CLIPGen.from_checkpoint("out")                    # out/vqgan.pt + out/prior.pt + their CLIP
-    for image, score in gen.generate(["a dog"], n=16, keep=4, seed=0)[0]:
+    for image, score in gen.generate(["a dog"], n=32, keep=8, seed=0)[0]:
         image.save(f"dog_{score:.1f}.png")
 
 `python sample.py "a dog"` does the same from the shell.
@@ -52,6 +52,7 @@ class Preset:
     prior_steps: int
     prior_lr: float
     perceptual: str  # "vgg" or "none"
+    remove_mean: bool  # project the training images' mean embedding out of every condition (prior.without_mean)
 
 
 RECIPE_FIELDS = [f.name for f in fields(Preset) if f.name not in ("vqgan", "prior", "diffusion")]
@@ -60,35 +61,38 @@ PRESETS = {
     # CLIP-GEN's sizes (256 px, 16x16 tokens of 16,384 codes, a 24-layer GPT) with taming's recipe; a GPU job.
     "paper": Preset(vqgan.VQGANConfig(), prior.PriorConfig(), diffusion.DiffusionConfig(),
                     batch_size=8, vqgan_steps=100_000, vqgan_lr=1e-4, disc_start=10_000, prior_steps=100_000,
-                    prior_lr=3e-4, perceptual="vgg"),
+                    prior_lr=3e-4, perceptual="vgg", remove_mean=False),
     # 64 px for a CPU or a small GPU, both stages in about 30 minutes on 2 cores (the toy worlds, RESULTS.md).
     # A downsampling of 4 (16x16 tokens), not 16: an 8x8 grid blurs thin strokes into blobs. No attention in
     # the tokenizer: with it, the tokenizer ties colours to the shapes it saw them on and recolours unseen
     # combinations. No GAN: at this budget it swaps whole colours. Both priors the same size, so that they
-    # can be compared at equal cost.
+    # can be compared at equal cost. Mean removal on: it closes most of both toy CLIPs' modality gap.
     "small": Preset(vqgan.VQGANConfig(image_size=64, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                                       attn_resolutions=(), mid_attention=False, z_channels=64, codebook_size=256,
                                       codebook_dim=16, dead_code_steps=100, disc_channels=32, disc_layers=2),
                     prior.PriorConfig(n_layer=4, n_head=4, n_embd=128),
                     diffusion.DiffusionConfig(n_layer=4, n_head=4, n_embd=128),
                     batch_size=16, vqgan_steps=1200, vqgan_lr=5e-4, disc_start=100_000, prior_steps=2500,
-                    prior_lr=1e-3, perceptual="none"),
-    # For tests: 32 px, 8x8 tokens, a 128-entry codebook; taming's attention kept, so the tests cover it.
+                    prior_lr=1e-3, perceptual="none", remove_mean=True),
+    # For tests: 32 px, 8x8 tokens, a 128-entry codebook; taming's attention and CLIP-GEN's conditioning
+    # kept, so the tests cover them.
     "tiny": Preset(vqgan.VQGANConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                                      attn_resolutions=(8,), z_channels=32, codebook_size=128, codebook_dim=8,
                                      dead_code_steps=50, disc_channels=16, disc_layers=2),
                    prior.PriorConfig(n_layer=2, n_head=2, n_embd=64),
                    diffusion.DiffusionConfig(n_layer=2, n_head=2, n_embd=64),
                    batch_size=8, vqgan_steps=2000, vqgan_lr=5e-4, disc_start=1000, prior_steps=2000, prior_lr=1e-3,
-                   perceptual="none"),
+                   perceptual="none", remove_mean=False),
 }
 
 
 class CLIPGen:
     """The three frozen models of a CLIP-GEN run, on one device."""
 
-    def __init__(self, vqgan_model, prior_model, clip_model, device, precision="auto"):
+    def __init__(self, vqgan_model, prior_model, clip_model, device, precision="auto", null_trained=True):
         self.vqgan, self.prior, self.clip = vqgan_model, prior_model, clip_model
+        # Whether the prior learned the null condition (train.py --cond-drop > 0), which guidance needs.
+        self.null_trained = null_trained
         self.device = device = torch.device(device)  # "cpu" or "cuda:1" as well as a torch.device
         self.precision = runtime.resolve_precision(precision, device)  # of sampling and decoding; CLIP runs in fp32
         self.autocast = runtime.autocast(device, self.precision)
@@ -112,7 +116,7 @@ class CLIPGen:
             raise ValueError(f"CLIP {clip or ckpt['clip']!r} makes {clip_model.arch.embed_dim}-d embeddings but the "
                              f"prior was trained on {prior_model.cfg.clip_dim}-d ones (from {ckpt['clip']!r}); "
                              f"use that CLIP or one with the same embedding size")
-        return cls(vqgan_model, prior_model, clip_model, device, precision)
+        return cls(vqgan_model, prior_model, clip_model, device, precision, ckpt["args"]["cond_drop"] > 0)
 
     # ----- embeddings
 
@@ -143,15 +147,23 @@ class CLIPGen:
     # ----- sampling
 
     @torch.no_grad()
-    def sample_images(self, embeddings, n, temperature=1.0, top_k=None, top_p=None, guidance=1.0, seed=0,
+    def sample_images(self, embeddings, n, temperature=1.0, top_k=None, top_p=None, guidance=None, seed=0,
                       batch_size=32, progress=None, diffusion_steps=None):
         """(P, clip_dim) conditions, or P tensors (parts, clip_dim) of prompts in parts (generate) -> (P, n, 3,
         H, W) images in [-1, 1]: n prior samples per condition,
         decoded by the VQGAN, in batches of `batch_size`. Each condition gets its own generator seeded with
         `seed`, so a prompt's images depend on the prompt, seed, n and batch size, not on the other prompts
         sampled with it. diffusion_steps: the diffusion prior's reverse steps (default: all it was trained
-        with); the GPT writes one token per step and takes no such choice."""
+        with); the GPT writes one token per step and takes no such choice. guidance None: 2 where the prior
+        learned the null condition, else 1 (sample.py's default, RESULTS.md 1b.5)."""
         self.check_diffusion_steps(diffusion_steps)
+        if guidance is None:
+            guidance = 2.0 if self.null_trained else 1.0
+        in_parts = any(e.dim() == 2 and len(e) > 1 for e in embeddings)
+        if (guidance != 1 or in_parts) and not self.null_trained:
+            raise ValueError(f"this prior was trained with --cond-drop 0, so it never learned the null condition "
+                             f"that guidance ({guidance}) and prompts in parts ('A AND B') contrast with; "
+                             f"sample it with --guidance 1 and whole prompts")
         extra = {} if diffusion_steps is None else {"steps": diffusion_steps}
         side = math.isqrt(self.prior.cfg.n_tokens)
         total, done, results = len(embeddings) * n, 0, []
@@ -190,7 +202,7 @@ class CLIPGen:
             results.append([(to_pil(candidates[i]), scores[i].item()) for i in best.tolist()])
         return results
 
-    def generate(self, prompts, n=16, keep=4, temperature=1.0, top_k=None, top_p=None, guidance=1.0, seed=0,
+    def generate(self, prompts, n=32, keep=8, temperature=1.0, top_k=None, top_p=None, guidance=None, seed=0,
                  batch_size=32, progress=None, diffusion_steps=None):
         """For each prompt: sample n images from its CLIP text embedding and return the `keep` with the
         highest CLIP score, as a list of (PIL image, score) pairs in descending score.
@@ -210,7 +222,7 @@ class CLIPGen:
                                     progress, diffusion_steps)
         return self.rerank(images, targets, keep)
 
-    def variations(self, image, n=16, keep=4, temperature=1.0, top_k=None, top_p=None, guidance=1.0, seed=0,
+    def variations(self, image, n=32, keep=8, temperature=1.0, top_k=None, top_p=None, guidance=None, seed=0,
                    batch_size=32, progress=None, diffusion_steps=None):
         """Images like `image` (a PIL image): sampled from its CLIP image embedding, exactly what the prior
         was trained on, and ranked by CLIP similarity to it."""
@@ -230,7 +242,7 @@ class CLIPGen:
         return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
     def interpolate(self, prompt_a, prompt_b, steps=8, n=4, temperature=1.0, top_k=None, top_p=None,
-                    guidance=1.0, seed=0, batch_size=32, progress=None, diffusion_steps=None):
+                    guidance=None, seed=0, batch_size=32, progress=None, diffusion_steps=None):
         """A list of `steps` (PIL image, score) pairs morphing from prompt_a to prompt_b: at each point,
         the best of n samples by CLIP similarity to the interpolated embedding."""
         path = self.interpolation_embeddings(prompt_a, prompt_b, steps)

@@ -1311,6 +1311,28 @@ def test_frechet_distance_and_evaluate(trained_run):
         clipgen.frechet_distance(fake[:1], real)
 
 
+def test_guidance_defaults_to_2_where_the_prior_learned_the_null_condition(trained_run, tmp_path, monkeypatch):
+    """Guidance 2 by default; a prior trained with --cond-drop 0 has no null condition, so it samples without
+    guidance by default and refuses guidance or prompts in parts in one line."""
+    run = trained_run / "out"
+    ckpt = torch.load(run / "prior.pt", weights_only=True)
+    ckpt["args"]["cond_drop"] = 0.0
+    (tmp_path / "nonull").mkdir()
+    torch.save(ckpt, tmp_path / "nonull" / "prior.pt")
+    shutil.copy(run / "vqgan.pt", tmp_path / "nonull" / "vqgan.pt")
+    used = []
+    sample_with = prior.Prior.sample
+    monkeypatch.setattr(prior.Prior, "sample", lambda self, rows, t, k, p, guidance, *a, **kw:
+                        used.append(guidance) or sample_with(self, rows, t, k, p, guidance, *a, **kw))
+    for folder in (run, tmp_path / "nonull"):
+        clipgen.CLIPGen.from_checkpoint(str(folder)).generate(["a red square"], n=1, keep=1)
+    assert used == [2.0, 1.0]
+    nonull = clipgen.CLIPGen.from_checkpoint(str(tmp_path / "nonull"))
+    for prompt, guidance in (("a red square", 2.0), ("a red AND a square", None)):
+        with pytest.raises(ValueError, match="trained with --cond-drop 0"):
+            nonull.generate([prompt], n=1, keep=1, guidance=guidance)
+
+
 def test_from_checkpoint_refuses_a_clip_of_another_size(trained_run, tmp_path):
     torch.save(random_openai_state_dict({**TINY_VIT, "embed_dim": 48}), tmp_path / "wide.pt")
     with pytest.raises(ValueError, match="48-d embeddings but the prior was trained on 32-d"):
@@ -1981,8 +2003,10 @@ def test_every_preset_builds_its_models_and_fills_the_recipe_flags(name, tmp_pat
         assert dif(emb, tokens, torch.ones(1, dtype=torch.long)).shape == (1, side * side, preset.vqgan.codebook_size)
     args = train.parse_args(["--data", str(tmp_path), "--preset", name, "--out", str(tmp_path / "run")])
     assert {f: getattr(args, f) for f in clipgen.RECIPE_FIELDS} == {f: getattr(preset, f) for f in clipgen.RECIPE_FIELDS}
-    overridden = train.parse_args(["--data", str(tmp_path), "--preset", name, "--prior-steps", "7"])
+    flip = "--no-remove-mean" if preset.remove_mean else "--remove-mean"  # a yes/no recipe field: both ways
+    overridden = train.parse_args(["--data", str(tmp_path), "--preset", name, "--prior-steps", "7", flip])
     assert overridden.prior_steps == 7 and overridden.vqgan_steps == preset.vqgan_steps
+    assert overridden.remove_mean is not preset.remove_mean
     choices = lambda parser, flag: next(a.choices for a in parser._actions if flag in a.option_strings)
     assert choices(train.build_parser(), "--preset") == choices(bench.build_parser(), "--size") == list(clipgen.PRESETS)
 
@@ -2037,7 +2061,7 @@ def readme_flag_rows(parser):
     for a in parser._actions:
         if "--help" in a.option_strings:
             continue
-        name = f"`{a.option_strings[-1]}`" if a.option_strings else "`PROMPT ...`"
+        name = " / ".join(f"`{o}`" for o in a.option_strings) if a.option_strings else "`PROMPT ...`"
         if a.choices:
             name += f" ({'/'.join(a.choices)})"
         if not a.option_strings or a.default is None or a.default is False:

@@ -162,8 +162,9 @@ def add_stage2_flags(g):
     g.add_argument("--adaln", action="store_true",
                    help="adaptive-LayerNorm conditioning in every block of the GPT (the diffusion prior always has it)")
     # Ours: the mean of the image embeddings points mostly along CLIP's modality gap (prior.unit_condition).
-    g.add_argument("--remove-mean", action="store_true", help="project the training images' mean CLIP embedding "
-                                                              "out of every condition, images' and prompts' alike")
+    g.add_argument("--remove-mean", action=argparse.BooleanOptionalAction,
+                   help=recipe_help("project the training images' mean CLIP embedding out of every condition, "
+                                    "images' and prompts' alike", "remove_mean"))
 
 
 def parse_args(argv=None):
