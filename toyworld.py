@@ -404,20 +404,21 @@ def condition_geometry(gen, world, per_combination=32):
     {combination: [seen combination, cosine]}}, the nearest other than itself. A held-out prompt can be near its
     own images (the gap is closed) and still far from every condition trained on: the prior then has to compose,
     as nothing it saw is close."""
+    p = gen.prior  # either prior: both turn embeddings into conditions with prior.unit_condition
+    as_seen = lambda e: prior.unit_condition(e, None, p.null_embedding, p.embedding_mean, p.cfg.remove_mean)
     x, _ = fresh_images(per_combination, seed="geometry", size=gen.clip.arch.image_resolution, world=world)
-    as_seen = lambda e: prior.without_mean(e, gen.prior.embedding_mean) if gen.prior.cfg.remove_mean else e
     images = torch.cat([as_seen(gen.embed_images(x[i:i + 256])) for i in range(0, len(x), 256)])
     centres = F.normalize(images.view(len(world.combinations), per_combination, -1).mean(1), dim=-1)  # (C, E)
     texts = as_seen(gen.embed_text([world.caption(v, c) for v, c in world.combinations]))  # (C, E)
-    seen = [i for i, combo in enumerate(world.combinations) if combo not in world.held_out]
+    own = (texts * centres).sum(-1)  # (C,)
+    # Each centre against the seen ones, itself and held-out combinations masked out: (C, C)
+    cos = (centres @ centres.T).fill_diagonal_(-2)
+    cos[:, [i for i, combo in enumerate(world.combinations) if combo in world.held_out]] = -2
+    best, nearest = cos.max(1)
     name = lambda i: " ".join(world.combinations[i][::-1])
-    own, nearest = {}, {}
-    for i in range(len(world.combinations)):
-        own[name(i)] = round((texts[i] @ centres[i]).item(), 3)
-        others = [j for j in seen if j != i]
-        cos = centres[others] @ centres[i]
-        nearest[name(i)] = [name(others[int(cos.argmax())]), round(cos.max().item(), 3)]
-    return {"text to own centre": own, "nearest seen centre": nearest}
+    return {"text to own centre": {name(i): round(own[i].item(), 3) for i in range(len(own))},
+            "nearest seen centre": {name(i): [name(int(j)), round(b.item(), 3)]
+                                    for i, (b, j) in enumerate(zip(best, nearest))}}
 
 
 @torch.no_grad()
