@@ -9,7 +9,7 @@ reranking DALL-E and CLIP-GEN both use). The prior is whichever train.py trained
 
     from clipgen import CLIPGen
     gen = CLIPGen.from_checkpoint("out")                    # out/vqgan.pt + out/prior.pt + their CLIP
-    for image, score in gen.generate(["a dog"], n=32, keep=8, seed=0)[0]:
+    for image, score in gen.generate(["a dog"], n=64, keep=8, seed=0)[0]:
         image.save(f"dog_{score:.1f}.png")
 
 `python sample.py "a dog"` does the same from the shell.
@@ -84,6 +84,12 @@ PRESETS = {
                    batch_size=8, vqgan_steps=2000, vqgan_lr=5e-4, disc_start=1000, prior_steps=2000, prior_lr=1e-3,
                    perceptual="none", remove_mean=False),
 }
+
+
+# Sampling defaults of CLIPGen.generate, sample.py and toyworld.py eval: CLIP keeps the best KEEP of CANDIDATES a
+# prompt. More candidates give the reranker better odds of finding a held-out combination the prior draws only
+# now and then (RESULTS.md 1b.14); the cost is linear in CANDIDATES. Guidance: sample_images.
+CANDIDATES, KEEP = 64, 8
 
 
 class CLIPGen:
@@ -202,7 +208,7 @@ class CLIPGen:
             results.append([(to_pil(candidates[i]), scores[i].item()) for i in best.tolist()])
         return results
 
-    def generate(self, prompts, n=32, keep=8, temperature=1.0, top_k=None, top_p=None, guidance=None, seed=0,
+    def generate(self, prompts, n=CANDIDATES, keep=KEEP, temperature=1.0, top_k=None, top_p=None, guidance=None, seed=0,
                  batch_size=32, progress=None, diffusion_steps=None):
         """For each prompt: sample n images from its CLIP text embedding and return the `keep` with the
         highest CLIP score, as a list of (PIL image, score) pairs in descending score.
@@ -222,7 +228,7 @@ class CLIPGen:
                                     progress, diffusion_steps)
         return self.rerank(images, targets, keep)
 
-    def variations(self, image, n=32, keep=8, temperature=1.0, top_k=None, top_p=None, guidance=None, seed=0,
+    def variations(self, image, n=CANDIDATES, keep=KEEP, temperature=1.0, top_k=None, top_p=None, guidance=None, seed=0,
                    batch_size=32, progress=None, diffusion_steps=None):
         """Images like `image` (a PIL image): sampled from its CLIP image embedding, exactly what the prior
         was trained on, and ranked by CLIP similarity to it."""

@@ -1,7 +1,7 @@
 """
 sample.py: text to image from the shell, with a run trained by train.py (CLIP-GEN section 3.3).
 
-    python sample.py "a dog"                                  # 32 candidates, the best 8 kept, from out/
+    python sample.py "a dog"                                  # 64 candidates, the best 8 kept, from out/
     python sample.py "a red car" "a blue car" --n 64 --keep 4 --guidance 3 --seed 1
     python sample.py --prompts prompts.txt --run runs/imagenet
     python sample.py --image photo.jpg                        # variations of an image
@@ -28,7 +28,7 @@ from torchvision.utils import save_image
 
 import data
 import runtime
-from clipgen import CLIPGen
+from clipgen import CANDIDATES, KEEP, CLIPGen
 
 
 def build_parser():
@@ -43,8 +43,8 @@ def build_parser():
     p.add_argument("--out", default="samples", type=runtime.folder, help="folder for the images")
     # Reranking is half of the method: the prior proposes, CLIP keeps the candidates closest to the prompt, so
     # more candidates give better odds that the kept ones are right, at a cost linear in --n.
-    p.add_argument("--n", type=runtime.at_least(1), default=32, help="candidates sampled per prompt")
-    p.add_argument("--keep", type=runtime.at_least(1), default=8,
+    p.add_argument("--n", type=runtime.at_least(1), default=CANDIDATES, help="candidates sampled per prompt")
+    p.add_argument("--keep", type=runtime.at_least(1), default=KEEP,
                    help="candidates kept per prompt, by CLIP score (at most --n)")
     # Each prompt has its own generator, seeded with --seed, so its images do not depend on the other prompts.
     p.add_argument("--seed", type=int, default=0,

@@ -361,7 +361,7 @@ def sample_and_rank(gen, world, n, seed, condition="text", **sampling):
     return gen.rerank(images, gen.embed_text(captions), n)
 
 
-def evaluate(gen, n=32, keep=8, seeds=1, world=LETTERS_WORLD, condition="text", **sampling):
+def evaluate(gen, n=clipgen.CANDIDATES, keep=clipgen.KEEP, seeds=1, world=LETTERS_WORLD, condition="text", **sampling):
     """Prompt every combination with sampling seeds 0..seeds-1 and read the `keep` samples CLIP ranks highest
     of n (see sample_and_rank for `condition`). -> scores() of the kept samples, the kept images (a list per
     combination, all seeds'), their mean CLIP score, the CLIP-feature Frechet distance between them and as
@@ -451,8 +451,9 @@ def main(argv=None):
     s = sub.add_parser("eval", help="prompt every combination of a trained run and read the samples")
     s.add_argument("--run", required=True, help="train.py's --out")
     s.add_argument("--clip", default=None, help="CLIP for the prompts (default: the run's)")
-    s.add_argument("--n", type=int, default=32, help="candidates per prompt (sample.py's default)")
-    s.add_argument("--keep", type=int, default=8, help="kept per prompt, by CLIP score (sample.py's default)")
+    s.add_argument("--n", type=int, default=clipgen.CANDIDATES, help="candidates per prompt (sample.py's default)")
+    s.add_argument("--keep", type=int, default=clipgen.KEEP,
+                   help="kept per prompt, by CLIP score (sample.py's default)")
     s.add_argument("--seeds", type=int, default=1,
                    help="repeat with sampling seeds 0..SEEDS-1 (more samples, less noise)")
     s.add_argument("--condition", choices=["text", "image", "parts"], default="text",
