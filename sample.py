@@ -2,7 +2,7 @@
 sample.py: text to image from the shell, with a run trained by train.py (CLIP-GEN section 3.3).
 
     python sample.py "a dog"                                  # 64 candidates, the best 8 kept, from out/
-    python sample.py "a red car" "a blue car" --n 16 --keep 4 --guidance 1 --seed 1   # 8x cheaper
+    python sample.py "a red car" "a blue car" --n 16 --keep 4 --guidance 1 --seed 1   # 1/8 of the prior work
     python sample.py --prompts prompts.txt --run runs/imagenet
     python sample.py --image photo.jpg                        # variations of an image
     python sample.py "a dog" --eval-real val_imgs/            # CLIP score and CLIP-feature Frechet distance
