@@ -28,7 +28,7 @@ from torchvision.utils import save_image
 
 import data
 import runtime
-from clipgen import CANDIDATES, KEEP, CLIPGen
+from clipgen import CANDIDATES, GUIDANCE, KEEP, CLIPGen
 
 
 def build_parser():
@@ -52,10 +52,9 @@ def build_parser():
     p.add_argument("--temperature", type=runtime.at_least(0.0), default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=runtime.at_least(1), help="sample among the k likeliest tokens only")
     p.add_argument("--top-p", type=runtime.between(0, 1, low_open=True), help="nucleus sampling threshold")
-    # Guidance pushes each prediction away from the null condition's, which the prior learned with --cond-drop;
-    # at 2 it drew held-out prompts better on both toy worlds and cost seen ones nothing (RESULTS.md 1b.5).
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = off (default: 2, or 1 for a "
-                                                  "prior trained with --cond-drop 0)")
+    # Guidance pushes each prediction away from the null condition's, which the prior learned with --cond-drop.
+    p.add_argument("--guidance", type=float, help=f"classifier-free guidance scale, 1 = off (default: {GUIDANCE:g}, "
+                                                  f"or 1 for a prior trained with --cond-drop 0)")
     p.add_argument("--diffusion-steps", type=runtime.at_least(1),
                    help="reverse steps of a diffusion prior (train.py --prior diffusion): fewer are faster "
                         "(default: all it was trained with)")

@@ -460,8 +460,8 @@ def main(argv=None):
                    help="condition the prior on the prompt's CLIP text embedding (as sample.py), on the "
                         "image embedding of a fresh image of the combination (a diagnosis), or on the prompt in "
                         "parts, 'colour AND value' (composable guidance)")
-    s.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: sample.py's, 2, or 1 "
-                                                  "for a prior trained with --cond-drop 0)")
+    s.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default: sample.py's, "
+                                                  f"{clipgen.GUIDANCE:g}, or 1 for a prior trained with --cond-drop 0)")
     s.add_argument("--temperature", type=float, default=1.0)
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
