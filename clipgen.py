@@ -53,6 +53,7 @@ class Preset:
     prior_lr: float
     perceptual: str  # "vgg" or "none"
     remove_mean: bool  # project the training images' mean embedding out of every condition (prior.without_mean)
+    hue_copies: int  # stage 2 also trains on this many hue-rotated copies of every image (runtime.hue_copies_of)
 
 
 RECIPE_FIELDS = [f.name for f in fields(Preset) if f.name not in ("vqgan", "prior", "diffusion")]
@@ -61,19 +62,21 @@ PRESETS = {
     # CLIP-GEN's sizes (256 px, 16x16 tokens of 16,384 codes, a 24-layer GPT) with taming's recipe; a GPU job.
     "paper": Preset(vqgan.VQGANConfig(), prior.PriorConfig(), diffusion.DiffusionConfig(),
                     batch_size=8, vqgan_steps=100_000, vqgan_lr=1e-4, disc_start=10_000, prior_steps=100_000,
-                    prior_lr=3e-4, perceptual="vgg", remove_mean=False),
+                    prior_lr=3e-4, perceptual="vgg", remove_mean=False, hue_copies=0),
     # 64 px for a CPU or a small GPU, both stages in about 30 minutes on 2 cores (the toy worlds, RESULTS.md).
     # A downsampling of 4 (16x16 tokens), not 16: an 8x8 grid blurs thin strokes into blobs. No attention in
     # the tokenizer: with it, the tokenizer ties colours to the shapes it saw them on and recolours unseen
     # combinations. No GAN: at this budget it swaps whole colours. Both priors the same size, so that they
-    # can be compared at equal cost. Mean removal on: it closes most of both toy CLIPs' modality gap.
+    # can be compared at equal cost. Mean removal on: it closes most of both toy CLIPs' modality gap. One hue
+    # copy of every image: the held-out combinations are drawn far more often on both worlds, at some cost to
+    # the letters' seen ones; more copies cost the letters' colours.
     "small": Preset(vqgan.VQGANConfig(image_size=64, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                                       attn_resolutions=(), mid_attention=False, z_channels=64, codebook_size=256,
                                       codebook_dim=16, dead_code_steps=100, disc_channels=32, disc_layers=2),
                     prior.PriorConfig(n_layer=4, n_head=4, n_embd=128),
                     diffusion.DiffusionConfig(n_layer=4, n_head=4, n_embd=128),
                     batch_size=16, vqgan_steps=1200, vqgan_lr=5e-4, disc_start=100_000, prior_steps=2500,
-                    prior_lr=1e-3, perceptual="none", remove_mean=True),
+                    prior_lr=1e-3, perceptual="none", remove_mean=True, hue_copies=1),
     # For tests: 32 px, 8x8 tokens, a 128-entry codebook; taming's attention and CLIP-GEN's conditioning
     # kept, so the tests cover them.
     "tiny": Preset(vqgan.VQGANConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
@@ -82,7 +85,7 @@ PRESETS = {
                    prior.PriorConfig(n_layer=2, n_head=2, n_embd=64),
                    diffusion.DiffusionConfig(n_layer=2, n_head=2, n_embd=64),
                    batch_size=8, vqgan_steps=2000, vqgan_lr=5e-4, disc_start=1000, prior_steps=2000, prior_lr=1e-3,
-                   perceptual="none", remove_mean=False),
+                   perceptual="none", remove_mean=False, hue_copies=0),
 }
 
 

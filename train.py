@@ -157,8 +157,9 @@ def add_stage2_flags(g):
     g.add_argument("--cond-drop", type=runtime.between(0, 1, high_open=True), default=0.1,
                    help="probability of training with the null condition, for classifier-free guidance")
     # Colour is bound to shape in the images; rotated hues show the prior shapes in colours they never had.
-    g.add_argument("--hue-copies", type=at_least(0), default=0,
-                   help="also train stage 2 on this many copies of every image with its hues rotated at random")
+    g.add_argument("--hue-copies", type=at_least(0),
+                   help=recipe_help("also train stage 2 on this many copies of every image with its hues rotated "
+                                    "at random", "hue_copies"))
     g.add_argument("--adaln", action="store_true",
                    help="adaptive-LayerNorm conditioning in every block of the GPT (the diffusion prior always has it)")
     # Ours: the mean of the image embeddings points mostly along CLIP's modality gap (prior.unit_condition).
