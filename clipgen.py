@@ -9,7 +9,7 @@ reranking DALL-E and CLIP-GEN both use). The prior is whichever train.py trained
 
     from clipgen import CLIPGen
     gen = CLIPGen.from_checkpoint("out")                    # out/vqgan.pt + out/prior.pt + their CLIP
-    for image, score in gen.generate(["a dog"], n=64, keep=8, seed=0)[0]:
+    for image, score in gen.generate(["a dog"], seed=0)[0]:   # the best KEEP of CANDIDATES samples
         image.save(f"dog_{score:.1f}.png")
 
 `python sample.py "a dog"` does the same from the shell.
