@@ -93,7 +93,9 @@ PRESETS = {
 # prompt. More candidates give the reranker better odds of finding a held-out combination the prior draws only
 # now and then (RESULTS.md 1b.14); the cost is linear in CANDIDATES. Classifier-free guidance GUIDANCE drew
 # held-out prompts better on both toy worlds (1b.11); a prior that never learned the null condition gets 1.
-CANDIDATES, KEEP, GUIDANCE = 64, 8, 2.0
+# The GPT draws its tokens at TEMPERATURE < 1, which leaves out more of the unlikely ones: on the letters world
+# it draws the asked shape more often, the textures level (1b.23). The diffusion prior keeps 1 (not measured).
+CANDIDATES, KEEP, GUIDANCE, TEMPERATURE = 64, 8, 2.0, 0.8
 
 
 class CLIPGen:
@@ -157,7 +159,7 @@ class CLIPGen:
     # ----- sampling
 
     @torch.no_grad()
-    def sample_images(self, embeddings, n, temperature=1.0, top_k=None, top_p=None, guidance=None, seed=0,
+    def sample_images(self, embeddings, n, temperature=None, top_k=None, top_p=None, guidance=None, seed=0,
                       batch_size=32, progress=None, diffusion_steps=None):
         """(P, clip_dim) conditions, or P tensors (parts, clip_dim) of prompts in parts (generate) -> (P, n, 3,
         H, W) images in [-1, 1]: n prior samples per condition,
@@ -165,8 +167,10 @@ class CLIPGen:
         `seed`, so a prompt's images depend on the prompt, seed, n and batch size, not on the other prompts
         sampled with it. diffusion_steps: the diffusion prior's reverse steps (default: all it was trained
         with); the GPT writes one token per step and takes no such choice. guidance None: GUIDANCE where the
-        prior learned the null condition, else 1."""
+        prior learned the null condition, else 1. temperature None: TEMPERATURE for the GPT, 1 for diffusion."""
         self.check_diffusion_steps(diffusion_steps)
+        if temperature is None:
+            temperature = 1.0 if isinstance(self.prior, diffusion.DiffusionPrior) else TEMPERATURE
         if guidance is None:
             guidance = GUIDANCE if self.null_trained else 1.0
         in_parts = any(e.dim() == 2 and len(e) > 1 for e in embeddings)
@@ -212,8 +216,8 @@ class CLIPGen:
             results.append([(to_pil(candidates[i]), scores[i].item()) for i in best.tolist()])
         return results
 
-    def generate(self, prompts, n=CANDIDATES, keep=KEEP, temperature=1.0, top_k=None, top_p=None, guidance=None, seed=0,
-                 batch_size=32, progress=None, diffusion_steps=None):
+    def generate(self, prompts, n=CANDIDATES, keep=KEEP, temperature=None, top_k=None, top_p=None, guidance=None,
+                 seed=0, batch_size=32, progress=None, diffusion_steps=None):
         """For each prompt: sample n images from its CLIP text embedding and return the `keep` with the
         highest CLIP score, as a list of (PIL image, score) pairs in descending score.
 
@@ -232,8 +236,8 @@ class CLIPGen:
                                     progress, diffusion_steps)
         return self.rerank(images, targets, keep)
 
-    def variations(self, image, n=CANDIDATES, keep=KEEP, temperature=1.0, top_k=None, top_p=None, guidance=None, seed=0,
-                   batch_size=32, progress=None, diffusion_steps=None):
+    def variations(self, image, n=CANDIDATES, keep=KEEP, temperature=None, top_k=None, top_p=None, guidance=None,
+                   seed=0, batch_size=32, progress=None, diffusion_steps=None):
         """Images like `image` (a PIL image): sampled from its CLIP image embedding, exactly what the prior
         was trained on, and ranked by CLIP similarity to it."""
         target = self.embed_pil([image])
@@ -251,7 +255,7 @@ class CLIPGen:
             return a.expand(steps, -1).clone()
         return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
-    def interpolate(self, prompt_a, prompt_b, steps=8, n=4, temperature=1.0, top_k=None, top_p=None,
+    def interpolate(self, prompt_a, prompt_b, steps=8, n=4, temperature=None, top_k=None, top_p=None,
                     guidance=None, seed=0, batch_size=32, progress=None, diffusion_steps=None):
         """A list of `steps` (PIL image, score) pairs morphing from prompt_a to prompt_b: at each point,
         the best of n samples by CLIP similarity to the interpolated embedding."""

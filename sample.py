@@ -28,7 +28,7 @@ from torchvision.utils import save_image
 
 import data
 import runtime
-from clipgen import CANDIDATES, GUIDANCE, KEEP, CLIPGen
+from clipgen import CANDIDATES, GUIDANCE, KEEP, TEMPERATURE, CLIPGen
 
 
 def build_parser():
@@ -49,7 +49,8 @@ def build_parser():
     # Each prompt has its own generator, seeded with --seed, so its images do not depend on the other prompts.
     p.add_argument("--seed", type=int, default=0,
                    help="random seed; the same seed, prompt, --n and --batch-size give the same images")
-    p.add_argument("--temperature", type=runtime.at_least(0.0), default=1.0, help="0 = greedy")
+    p.add_argument("--temperature", type=runtime.at_least(0.0),
+                   help=f"0 = greedy (default: {TEMPERATURE:g} for the GPT prior, 1 for the diffusion prior)")
     p.add_argument("--top-k", type=runtime.at_least(1), help="sample among the k likeliest tokens only")
     p.add_argument("--top-p", type=runtime.between(0, 1, low_open=True), help="nucleus sampling threshold")
     # Guidance pushes each prediction away from the null condition's, which the prior learned with --cond-drop.

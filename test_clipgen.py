@@ -1323,10 +1323,10 @@ def test_guidance_defaults_to_2_where_the_prior_learned_the_null_condition(train
     used = []
     sample_with = prior.Prior.sample
     monkeypatch.setattr(prior.Prior, "sample", lambda self, rows, t, k, p, guidance, *a, **kw:
-                        used.append(guidance) or sample_with(self, rows, t, k, p, guidance, *a, **kw))
+                        used.append((guidance, t)) or sample_with(self, rows, t, k, p, guidance, *a, **kw))
     for folder in (run, tmp_path / "nonull"):
         clipgen.CLIPGen.from_checkpoint(str(folder)).generate(["a red square"], n=1, keep=1)
-    assert used == [2.0, 1.0]
+    assert used == [(2.0, 0.8), (1.0, 0.8)]  # the GPT's default temperature either way
     nonull = clipgen.CLIPGen.from_checkpoint(str(tmp_path / "nonull"))
     for prompt, guidance in (("a red square", 2.0), ("a red AND a square", None)):
         with pytest.raises(ValueError, match="trained with --cond-drop 0"):
@@ -2314,6 +2314,23 @@ def untrained_toy_generator():
     prior_cfg = replace(preset.prior, vocab_size=preset.vqgan.codebook_size,
                                     n_tokens=preset.vqgan.tokens_per_side ** 2, clip_dim=clip_model.arch.embed_dim)
     return clipgen.CLIPGen(vqgan.VQGAN(preset.vqgan).eval(), prior.Prior(prior_cfg).eval(), clip_model, "cpu")
+
+
+def test_default_temperature_is_the_gpts_0_8_and_the_diffusion_priors_1(monkeypatch):
+    """The default temperature was measured for the GPT alone (RESULTS.md 1b.23); the diffusion prior keeps 1,
+    and a temperature given is used as given."""
+    gpt = untrained_toy_generator()
+    cfg = gpt.prior.cfg
+    dif = clipgen.CLIPGen(gpt.vqgan, diffusion.DiffusionPrior(diffusion.DiffusionConfig(
+        vocab_size=cfg.vocab_size, n_tokens=cfg.n_tokens, n_layer=1, n_head=2, n_embd=64, clip_dim=cfg.clip_dim,
+        n_steps=4)).eval(), gpt.clip, "cpu")
+    used = []
+    record = lambda self, rows, t, *a, **kw: used.append(t) or torch.zeros(len(rows), cfg.n_tokens, dtype=torch.long)
+    monkeypatch.setattr(prior.Prior, "sample", record)
+    monkeypatch.setattr(diffusion.DiffusionPrior, "sample", record)
+    for gen in (gpt, dif, gpt):
+        gen.generate(["a red letter a"], n=1, keep=1, **({"temperature": 0.5} if len(used) == 2 else {}))
+    assert used == [0.8, 1.0, 0.5]
 
 
 def test_toyworld_evaluate_scores_what_it_reads(monkeypatch):

@@ -462,7 +462,8 @@ def main(argv=None):
                         "parts, 'colour AND value' (composable guidance)")
     s.add_argument("--guidance", type=float, help=f"classifier-free guidance scale (default: sample.py's, "
                                                   f"{clipgen.GUIDANCE:g}, or 1 for a prior trained with --cond-drop 0)")
-    s.add_argument("--temperature", type=float, default=1.0)
+    s.add_argument("--temperature", type=float, help=f"sampling temperature (default: sample.py's, "
+                                                       f"{clipgen.TEMPERATURE:g} for the GPT, 1 for diffusion)")
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--diffusion-steps", type=int, default=None,
