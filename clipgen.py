@@ -64,8 +64,9 @@ PRESETS = {
                     batch_size=8, vqgan_steps=100_000, vqgan_lr=1e-4, disc_start=10_000, prior_steps=100_000,
                     prior_lr=3e-4, perceptual="vgg", remove_mean=False, hue_copies=0),
     # 64 px for a CPU or a small GPU, both stages in about 30 minutes on 2 cores (the toy worlds, RESULTS.md).
-    # A downsampling of 4 (16x16 tokens), not 16: an 8x8 grid blurs thin strokes into blobs. No attention in
-    # the tokenizer: with it, the tokenizer ties colours to the shapes it saw them on and recolours unseen
+    # A downsampling of 4 (16x16 tokens): an 8x8 grid draws the letters' shapes better, but its tokenizer loses
+    # the textures' fine patterns, from 32-px images or with one more halving (RESULTS.md 1b.25). No attention
+    # in the tokenizer: with it, the tokenizer ties colours to the shapes it saw them on and recolours unseen
     # combinations. No GAN: at this budget it swaps whole colours. Both priors the same size, so that they
     # can be compared at equal cost. Mean removal on: it closes most of both toy CLIPs' modality gap. One hue
     # copy of every image: the held-out combinations are drawn far more often on both worlds, at some cost to
