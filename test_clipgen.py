@@ -2321,9 +2321,8 @@ def test_default_temperature_is_the_gpts_0_8_and_the_diffusion_priors_1(monkeypa
     and a temperature given is used as given."""
     gpt = untrained_toy_generator()
     cfg = gpt.prior.cfg
-    dif = clipgen.CLIPGen(gpt.vqgan, diffusion.DiffusionPrior(diffusion.DiffusionConfig(
-        vocab_size=cfg.vocab_size, n_tokens=cfg.n_tokens, n_layer=1, n_head=2, n_embd=64, clip_dim=cfg.clip_dim,
-        n_steps=4)).eval(), gpt.clip, "cpu")
+    dif = clipgen.CLIPGen(gpt.vqgan, tiny_diffusion(vocab_size=cfg.vocab_size, n_tokens=cfg.n_tokens,
+                                                    clip_dim=cfg.clip_dim).eval(), gpt.clip, "cpu")
     used = []
     record = lambda self, rows, t, *a, **kw: used.append(t) or torch.zeros(len(rows), cfg.n_tokens, dtype=torch.long)
     monkeypatch.setattr(prior.Prior, "sample", record)
