@@ -72,7 +72,7 @@ PRESETS = {
     # copy of every image: the held-out combinations are drawn far more often on both worlds, at some cost to
     # the letters' seen ones; more copies cost the letters' colours. A peak learning rate of 2e-3 for the prior:
     # at 2,500 steps it fits the tokens better, and the textures' held-out combinations are drawn more often
-    # without costing the letters (the diffusion prior shares it, not measured there).
+    # without costing the letters (RESULTS.md 1b.28; the diffusion prior shares it, not measured there).
     "small": Preset(vqgan.VQGANConfig(image_size=64, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                                       attn_resolutions=(), mid_attention=False, z_channels=64, codebook_size=256,
                                       codebook_dim=16, dead_code_steps=100, disc_channels=32, disc_layers=2),
