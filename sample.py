@@ -1,7 +1,7 @@
 """
 sample.py: text to image from the shell, with a run trained by train.py (CLIP-GEN section 3.3).
 
-    python sample.py "a dog"                                  # 64 candidates, the best 8 kept, from out/
+    python sample.py "a green letter t"       # 64 candidates, the best 8 kept, from out/ (or the bundled toy model)
     python sample.py "a red car" "a blue car" --n 16 --keep 4 --guidance 1 --seed 1   # 1/8 of the prior work
     python sample.py --prompts prompts.txt --run runs/imagenet
     python sample.py --image photo.jpg                        # variations of an image
@@ -39,7 +39,8 @@ def build_parser():
     p.add_argument("--prompts", dest="prompts_file", metavar="FILE", type=runtime.existing_file,
                    help="a text file with one prompt per line")
     p.add_argument("--image", type=runtime.existing_file, help="make variations of this image instead of following a prompt")
-    p.add_argument("--run", default="out", help="run folder with vqgan.pt and prior.pt (train.py's --out)")
+    p.add_argument("--run", help="run folder with vqgan.pt and prior.pt (train.py's --out; default: out, or the "
+                                 "bundled toy model while out holds no run)")
     p.add_argument("--out", default="samples", type=runtime.folder, help="folder for the images")
     # Reranking is half of the method: the prior proposes, CLIP keeps the candidates closest to the prompt, so
     # more candidates give better odds that the kept ones are right, at a cost linear in --n.
@@ -124,15 +125,36 @@ def unique_names(names):
     return result
 
 
+# A fresh clone can draw before anything is trained: a letters-world run made with the `small` recipe ships in
+# the repository (RESULTS.md 1.5 has its command and accuracy), with the tiny CLIP it was trained with.
+HERE = os.path.dirname(os.path.abspath(__file__))
+BUNDLED_RUN, BUNDLED_CLIP = os.path.join(HERE, "toymodel"), os.path.join(HERE, "toyclip.pt")
+BUNDLED_NOTICE = ("no trained run in 'out', so this is the bundled toy model (toymodel/): it draws capital letters "
+                  "A, O, T and X in red, green, blue or yellow on grey, 64 px, and never saw a blue A, a yellow O, "
+                  "a red T or a green X in training. Any prompt works; it draws the nearest of those. Train your "
+                  "own with: python train.py --data path/to/images --out out")
+
+
 def load_run(args):
-    """The run's three models, or one error line: a missing run, a file that is not a checkpoint, a CLIP of
-    the wrong size, or a --diffusion-steps the prior can not take (checked before the first sample)."""
-    if not (os.path.isfile(os.path.join(args.run, "prior.pt")) and os.path.isfile(os.path.join(args.run, "vqgan.pt"))):
+    """The run's three models, or one error line: a missing or half-trained run, a file that is not a
+    checkpoint, a CLIP of the wrong size, or a --diffusion-steps the prior can not take (checked before the
+    first sample). Without --run: out, or the bundled toy model while nothing at all is in out."""
+    clip = args.clip
+    if args.run is None:
+        args.run = "out"
+        if not any(os.path.exists(os.path.join("out", f)) for f in ("vqgan.pt", "prior.pt")):
+            print(BUNDLED_NOTICE, file=sys.stderr)
+            args.run, clip = BUNDLED_RUN, clip or BUNDLED_CLIP
+    missing = [f for f in ("vqgan.pt", "prior.pt") if not os.path.isfile(os.path.join(args.run, f))]
+    if len(missing) == 1:  # stage 1 done, stage 2 not (or a file moved): never sample from something else
+        sys.exit(f"error: the run in {args.run!r} has no {missing[0]}; finish training it (python train.py --data "
+                 f"path/to/images --out {args.run} --resume) or point --run at a finished run")
+    if missing:
         sys.exit(f"error: no trained run in {args.run!r} (it needs vqgan.pt and prior.pt). Train one with\n"
                  f"  python train.py --data path/to/images --out {args.run}\nor point --run at one.")
     try:
         device = None if args.device == "auto" else args.device  # None: CLIPGen picks CUDA if there is one
-        gen = CLIPGen.from_checkpoint(args.run, clip=args.clip, device=device, precision=args.precision)
+        gen = CLIPGen.from_checkpoint(args.run, clip=clip, device=device, precision=args.precision)
     except (ValueError, RuntimeError, FileNotFoundError, KeyError) as e:
         sys.exit(f"error: could not load the run in {args.run!r}: {e}")
     try:

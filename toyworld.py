@@ -437,6 +437,22 @@ def reconstruction_report(vq, per_combination=16, world=LETTERS_WORLD):
             "colour": s["colour"], "held_out": s["held_out"], "held_out_each": s["held_out_each"]}
 
 
+def bundle_run(run, out, world=LETTERS_WORLD):
+    """A trained run as a small folder to ship (the repository's toymodel/, sample.py's fall-back): the models'
+    weights in fp16 and the fields loading reads, without the optimizer states, discriminator and random
+    states that only resuming needs (a sixth of the size). The prior is told the new VQGAN file's SHA-256,
+    since fp16 changes its bytes, and the world's CLIP by file name, not by where it lay when it trained."""
+    vq = data.load_checkpoint(os.path.join(run, "vqgan.pt"), "vqgan")
+    ckpt = data.load_checkpoint(os.path.join(run, "prior.pt"), "prior")
+    half = lambda weights: {k: v.half() if v.is_floating_point() else v for k, v in weights.items()}
+    os.makedirs(out)
+    vqgan_path = os.path.join(out, "vqgan.pt")
+    torch.save({"kind": "vqgan", "config": vq["config"], "step": vq["step"], "model": half(vq["model"])}, vqgan_path)
+    torch.save({**{k: ckpt[k] for k in ("kind", "config", "prior_type", "step", "args")}, "model": half(ckpt["model"]),
+                "clip": os.path.basename(world.clip_file), "vqgan": "vqgan.pt",
+                "vqgan_sha256": clip_loader.sha256_of(vqgan_path)}, os.path.join(out, "prior.pt"))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="The toy worlds: training images, their tiny CLIPs, evaluation.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -469,6 +485,9 @@ def main(argv=None):
     s.add_argument("--diffusion-steps", type=int, default=None,
                    help="reverse steps of a diffusion prior (default: all it was trained with)")
     s.add_argument("--grid", default=None, help="also save the kept samples here as one PNG, a row per value")
+    s = sub.add_parser("bundle", help="write a trained run as a small fp16 folder to ship (sample.py's toymodel/)")
+    s.add_argument("--run", required=True, help="train.py's --out")
+    s.add_argument("--out", required=True, help="new folder for vqgan.pt and prior.pt")
     s = sub.add_parser("diagnose", help="where a run loses the prompt: reconstructions, then the prior on image "
                                         "and on text embeddings, at every prior checkpoint kept; appends JSON lines")
     s.add_argument("--run", required=True, help="train.py's --out (trained with --keep-checkpoints large enough)")
@@ -503,6 +522,15 @@ def main(argv=None):
         print(f"with the modality gap: {clip_report(add_modality_gap(model, world=world), world=world)}")
         torch.save({k: v.half() for k, v in model.state_dict().items()}, out)
         print(f"wrote {out}")
+    elif args.command == "bundle":
+        if os.path.exists(args.out):
+            p.error(f"--out {args.out!r} exists; choose a new folder")
+        try:
+            bundle_run(args.run, args.out, world)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"error: --run {args.run!r}: {e}")
+        print(f"wrote {args.out}: " + ", ".join(f"{f} {os.path.getsize(os.path.join(args.out, f)) / 1e6:.1f} MB"
+                                             for f in ("vqgan.pt", "prior.pt")))
     elif args.command == "diagnose":
         diagnose_command(args, world)
     else:
