@@ -82,27 +82,84 @@ class Schedule(nn.Module):
         replaced = ~masked & (uniform < mask + self.K * per_code)  # a uniform code, x0's own included
         return torch.where(masked, self.K, torch.where(replaced, codes, x0))
 
-    def posterior(self, x0_probs, x_t, s, t):
-        """p(x_s | x_t) = sum over x0 of q(x_s | x_t, x0) x0_probs(x0): the reverse step from a prediction of the
-        clean grid (VQ-Diffusion's reparameterisation; with a one-hot x0_probs, the true posterior the loss
-        compares it with). x0_probs (B, N, K) floats, x_t (B, N), s < t (B,) -> (B, N, K + 1) probabilities of
-        x_s over the codes and [MASK].
+    def add_evidence(self, logits, x_t, t):
+        """Bayes' rule for the x0 prediction: log p(x0 | x_t) = the network's logits + log q(x_t | x0) + a
+        constant. logits (B, N, K), x_t (B, N), t (B,) -> (B, N, K). Where x_t is [MASK], q(x_t | x0) is the
+        same for every x0 and nothing changes; where it is a code j, x0 = j is 1 + alpha_bar_t / beta_bar_t
+        times likelier than any other (about 1e8 with the released schedule, which replaces 1e-6 of tokens).
+        A network trained for minutes is far less sure of the tokens it can see, and the reverse step trusts
+        it: each step re-drew the unmasked tokens it doubted, the last step every one, as if they were noise
+        (the speckles of RESULTS.md 1.6). With the evidence a drawn token stays drawn."""
+        a_t, b_t, _ = (v.squeeze(2) for v in self.transition(torch.zeros_like(t), t))  # (B, 1) each
+        boost = torch.where(x_t < self.K, torch.log1p(a_t / b_t), 0.0).to(logits.dtype)  # (B, N)
+        # In place: the logits are the head's fresh output, which no backward needs.
+        return logits.scatter_add_(-1, x_t.clamp(max=self.K - 1).unsqueeze(-1), boost.unsqueeze(-1))
 
-        Bayes: q(x_s | x_t, x0) = q(x_t | x_s) q(x_s | x0) / q(x_t | x0). All three are the forward process's,
-        evaluated at the observed x_t, so the sum over x0 is two cheap steps: weight each x0 by x0_probs /
-        q(x_t | x0), push the weights through q(x_s | x0), and multiply by q(x_t | x_s)."""
-        observed = F.one_hot(x_t.clamp(max=self.K - 1), self.K)  # (B, N, K); rows of masked positions unused
-        is_mask = (x_t == self.K).unsqueeze(-1)  # (B, N, 1)
-        keep, per_code, mask = self.transition(torch.zeros_like(t), t)  # q(x_t | x0)
-        weights = x0_probs / torch.where(is_mask, mask, per_code + keep * observed).clamp_min(1e-30)  # (B, N, K)
-        total = weights.sum(-1, keepdim=True)  # (B, N, 1)
-        keep, per_code, mask = self.transition(torch.zeros_like(s), s)  # q(x_s | x0)
-        codes, masked = keep * weights + per_code * total, mask * total  # (B, N, K), (B, N, 1)
-        keep, per_code, mask = self.transition(s, t)  # q(x_t | x_s): from a code, and from [MASK] (stays)
-        codes = codes * torch.where(is_mask, mask, per_code + keep * observed)
-        masked = masked * is_mask
-        probs = torch.cat([codes, masked], dim=-1)  # (B, N, K + 1)
-        return probs / probs.sum(-1, keepdim=True).clamp_min(1e-30)
+    def posterior(self, x0, x_t, s, t):
+        """q(x_s | x_t, x0) for a known clean grid, in closed form: x0, x_t (B, N) tokens, s < t (B,) steps ->
+        four (B, N) probabilities, of the four ways x_s can come about: it is [MASK] (only where x_t is), it
+        is x0 (kept from step 0), it is the observed code x_t (replaced into it by step s), it is a uniformly
+        random code (which may land on either). Bayes: q(x_s | x_t, x0) = q(x_s | x0) q(x_t | x_s) / q(x_t |
+        x0), with the forward process's three kinds of transition taking each case a few scalars."""
+        a_s, b_s, c_s = (v.squeeze(2) for v in self.transition(torch.zeros_like(s), s))  # q(x_s | x0), (B, 1)
+        a_t, b_t, c_t = (v.squeeze(2) for v in self.transition(torch.zeros_like(t), t))  # q(x_t | x0)
+        keep, per_code, mask = (v.squeeze(2) for v in self.transition(s, t))  # q(x_t | x_s)
+        is_mask, is_x0 = x_t == self.K, x_t == x0  # (B, N)
+        # q(x_t | x_s = x): from [MASK] 1 if x_t is [MASK]; from any code `mask` (x_t masked) or `per_code`,
+        # plus `keep` from the observed code itself. Its normaliser q(x_t | x0) likewise.
+        to_x_t = torch.where(is_mask, mask, per_code)  # (B, N), from a code other than x_t
+        evidence = torch.where(is_mask, c_t, b_t + a_t * is_x0)  # q(x_t | x0)
+        from_mask = torch.where(is_mask, c_s, 0) / evidence
+        own = a_s * (to_x_t + keep * is_x0) / evidence
+        observed = torch.where(is_mask, 0, b_s * keep) / evidence
+        uniform = self.K * b_s * to_x_t / evidence
+        return from_mask, own, observed, uniform
+
+    def posterior_kl(self, log_p, x0, x_t, s, t):
+        """KL(q(x_s | x_t, x0) || p(x_s | x_t)) at every position, (B, N), from log_p (B, N, K), the model's
+        log-probabilities of x0, and the true x0, x_t (B, N), s < t (B,): the bound's term of VQ-Diffusion's
+        eq. 6. The model's reverse step is q(x_s | x_t, x0') averaged over its x0' (the reparameterisation of
+        eq. 11), p(x_s | x_t) = sum over x0' of p(x0' | x_t) q(x_s | x_t, x0'). Written out, it is the truth's
+        form with p in place of the one-hot x0, so the KL needs only one (B, N, K) sum of logs and a few gathers
+        and per-position scalars, never a (B, N, K + 1) posterior per side (RESULTS.md 2.1 has the speed)."""
+        K = self.K
+        a_s, b_s, _ = (v.squeeze(2) for v in self.transition(torch.zeros_like(s), s))  # (B, 1) each
+        a_t, b_t, c_t = (v.squeeze(2) for v in self.transition(torch.zeros_like(t), t))
+        is_mask, j = x_t == K, x_t.clamp(max=K - 1)  # (B, N); j: the observed code where there is one
+        from_mask, own, observed, uniform = self.posterior(x0, x_t, s, t)  # the truth
+        tiny = 1e-30  # b_s is 0 at s = 0 (whose term is the NLL instead): keep its logs finite
+        # The model, per code x: p(x_s = x | x_t) = q(x_t | x_s = x) exp(L_x), with
+        # L_x = log(a_s p_x / q(x_t | x0 = x) + b_s sum_i p_i / q(x_t | x0 = i)); q(x_t | x0 = x) is c_t or b_t
+        # for every x but the observed code j, a_t + b_t there. As log(u + v) = log v + softplus(log u - log v),
+        # L_x = log_uniform + softplus(log p_x + shift): one pass over (B, N, K) for its sum, gathers for the rest.
+        lp_j, lp_k = log_p.gather(-1, torch.stack([j, x0], -1)).unbind(-1)  # (B, N) each; one gather, one backward
+        log_sum = torch.where(is_mask, -c_t.log(), torch.logaddexp(
+            (-torch.expm1(lp_j)).clamp_min(tiny).log() - b_t.log(), lp_j - (a_t + b_t).log()))
+        log_uniform = b_s.clamp_min(tiny).log() + log_sum  # (B, N)
+        shift = a_s.log() - torch.where(is_mask, c_t, b_t).log() - log_uniform  # (B, N)
+        L_common = lambda lp: log_uniform + F.softplus(lp + shift)  # L_x as if x were not j
+        L_j = torch.where(is_mask, L_common(lp_j), log_uniform + F.softplus(lp_j + shift + (b_t / (a_t + b_t)).log()))
+        L_k = torch.where(~is_mask & (x0 == j), L_j, L_common(lp_k))
+        L_sum = K * log_uniform + F.softplus(log_p + shift.unsqueeze(-1)).sum(-1) - L_common(lp_j) + L_j  # (B, N)
+        # The truth per code: x0 (k) gets t_k, the observed code (if not k) t_j, every other code t_o; [MASK]
+        # has the same mass on both sides (it only depends on x0 through sum_i p_i = 1), so it drops out.
+        t_o = uniform / K
+        t_k = own + t_o + observed * (x0 == x_t)
+        t_j = torch.where(x0 == x_t, 0, observed)  # the mass above t_o at j, where j is not k
+        # Both sides share q(x_t | x_s = x), so log(truth / model) = log(q(x_s = x | x0) / q(x_t | x0)) - L_x.
+        log_evidence = torch.where(is_mask, c_t, b_t + a_t * (x0 == x_t)).log()  # log q(x_t | x0)
+        log_b, log_k = b_s.clamp_min(tiny).log() - log_evidence, (a_s + b_s).log() - log_evidence
+        others = (K - 1) * t_o + t_j  # truth mass on codes other than k
+        return t_k * (log_k - L_k) + others * log_b - (t_o * (L_sum - L_k) + t_j * L_j)
+
+    def draw_posterior(self, x0, x_t, s, t, generator=None):
+        """x_s ~ q(x_s | x_t, x0): x0, x_t (B, N) tokens, s < t (B,) -> (B, N) tokens. One uniform picks which
+        of posterior()'s four ways x_s came about; a second draw is the random code of the fourth."""
+        from_mask, own, observed, _ = self.posterior(x0, x_t, s, t)  # (B, N) each
+        u = torch.rand(x0.shape, generator=generator, device=x0.device)
+        random_code = torch.randint(self.K, x0.shape, generator=generator, device=x0.device)
+        return torch.where(u < from_mask, self.K, torch.where(u < from_mask + own, x0,
+                           torch.where(u < from_mask + own + observed, x_t, random_code)))
 
 
 class Block(nn.Module):
@@ -157,14 +214,14 @@ class DiffusionPrior(nn.Module):
 
     def forward(self, embeddings, x_t, t, drop=None):
         """embeddings (B, clip_dim) CLIP embeddings, x_t (B, N) noisy tokens, t (B,) steps in 1..T, drop (B,)
-        rows given the null condition -> (B, N, K) logits of x0."""
+        rows given the null condition -> (B, N, K) logits of x0: the network's guess and what x_t says of x0."""
         cond = prior.unit_condition(embeddings, drop, self.null_embedding, self.embedding_mean,
                                     self.cfg.remove_mean).to(self.cond_proj.weight.dtype)
         x = self.drop(self.tok_emb(x_t) + self.pos_emb)  # (B, N, C)
         step, c = self.step_emb(t), self.cond_proj(cond)  # (B, C) each
         for block in self.blocks:
             x = block(x, step, c)
-        return self.head(self.ln_f(x))
+        return self.schedule.add_evidence(self.head(self.ln_f(x)), x_t, t)
 
     def reverse_steps(self, steps=None):
         """The reverse steps a sampler takes: `steps`, checked against the T trained, or all T if None."""
@@ -182,8 +239,9 @@ class DiffusionPrior(nn.Module):
         next s < t with the exact q(x_s | x_t, x0) (VQ-Diffusion's fast inference). temperature, top_k and
         top_p shape each step's x0 prediction; top_p is VQ-Diffusion's truncation (CLIP-VQDiffusion: 0.85).
         guidance != 1, or P > 1, mixes conditional and null-conditioned log-probabilities of x0 as the GPT
-        prior mixes its logits (prior.mix_guided; Tang et al. 2022 for discrete diffusion). One draw per
-        position and step from `generator`, the same with or without guidance."""
+        prior mixes its logits (prior.mix_guided; Tang et al. 2022 for discrete diffusion). Three draws per
+        position and step from `generator` (x0, the way x_s comes about, a random code), the same with or
+        without guidance."""
         B, N, K, T = embeddings.shape[0], self.cfg.n_tokens, self.cfg.vocab_size, self.cfg.n_steps
         steps = self.reverse_steps(steps)
         embeddings, drop, copies = prior.guided_rows(embeddings, guidance)
@@ -196,8 +254,9 @@ class DiffusionPrior(nn.Module):
             if copies > 1:
                 log_p = prior.mix_guided(log_p, B, guidance).log_softmax(-1)
             x0_probs = prior.filter_logits(log_p, temperature, top_k, top_p).softmax(-1)  # (B, N, K)
-            probs = self.schedule.posterior(x0_probs, x, s.expand(B), t.expand(B))  # (B, N, K + 1)
-            x = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(B, N)
+            # p(x_s | x_t) is q(x_s | x_t, x0) averaged over the model's x0 (eq. 11): draw x0, then x_s given it.
+            x0 = torch.multinomial(x0_probs.flatten(0, 1), 1, generator=generator).view(B, N)
+            x = self.schedule.draw_posterior(x0, x, s.expand(B), t.expand(B), generator)
         return x  # at s = 0 the posterior gives [MASK] no mass
 
 
@@ -207,17 +266,14 @@ def diffusion_loss(logits, x0, x_t, t, schedule, aux_weight):
 
     logits (B, N, K) of x0 from forward(condition, x_t, t); x0 (B, N) the true tokens; t (B,) steps in 1..T.
     The bound's term at step t > 1 is KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)), both from
-    Schedule.posterior (the second with the model's prediction); at t = 1 it is -log p(x0 | x_1). With t drawn
+    Schedule.posterior_kl; at t = 1 it is -log p(x0 | x_1). With t drawn
     uniformly, their mean estimates the bound up to the factor T (VQ-Diffusion draws t by importance instead).
     The auxiliary loss is the cross-entropy of the x0 prediction itself, weighted by 2 - t/T as in
     VQ-Diffusion's code: it gives the network a direct signal that the bound, which unmasks ~1/t of the
     masked tokens per step, dilutes."""
     log_p = logits.float().log_softmax(-1)  # (B, N, K)
     nll = -log_p.gather(-1, x0.unsqueeze(-1)).squeeze(-1)  # (B, N): -log p(x0 | x_t)
-    s = t - 1
-    model = schedule.posterior(log_p.exp(), x_t, s, t)  # (B, N, K + 1)
-    true = schedule.posterior(F.one_hot(x0, schedule.K).float(), x_t, s, t)
-    kl = (torch.xlogy(true, true) - torch.xlogy(true, model.clamp_min(1e-30))).sum(-1)  # (B, N)
+    kl = schedule.posterior_kl(log_p, x0, x_t, t - 1, t)  # (B, N)
     vlb = torch.where((t == 1).unsqueeze(1), nll, kl).mean()
     aux = (nll.mean(1) * (2 - t.float() / schedule.n_steps)).mean()
     return vlb + aux_weight * aux, vlb, aux

@@ -1081,21 +1081,50 @@ def test_diffusion_forward_process_marginals_are_the_closed_form():
         assert torch.allclose(freq, transition_matrix(schedule, 0, step)[2], atol=4e-3), step
 
 
-def test_diffusion_posterior_is_bayes_rule():
-    schedule = diffusion.Schedule(n_steps=10, vocab_size=6)
-    x0_probs = torch.softmax(torch.randn(1, 3, 6, generator=torch.Generator().manual_seed(1)), -1)
-    x_t = torch.tensor([[2, 6, 4]])  # two codes and a [MASK]
+def replacing_schedule(K=6):
+    """A Schedule whose tokens are replaced often (the released one replaces with probability 1e-6 in all), so
+    that the posterior's replacement terms are large enough for a wrong one to show."""
+    schedule = diffusion.Schedule(n_steps=10, vocab_size=K)
+    ramp = torch.linspace(0, 1, 11, dtype=torch.float64)
+    schedule.alpha_bar, schedule.unmasked_bar = 1 - 0.9 * ramp, 1 - 0.5 * ramp
+    return schedule
+
+
+def bayes_reverse(schedule, x0_probs, x_t, s, t):
+    """p(x_s | x_t) = sum over x0 of p(x0) q(x_s | x0) q(x_t | x_s) / q(x_t | x0) by brute force with the
+    forward matrices: x0_probs (N, K), x_t (N,) -> (N, K + 1) float64, [MASK] last."""
+    before, step, after = (transition_matrix(schedule, *st) for st in ((0, s), (s, t), (0, t)))
+    return torch.stack([sum(x0_probs[n, i].double() * before[i] * step[:, x] / after[i, x]
+                            for i in range(schedule.K)) for n, x in enumerate(x_t.tolist())])
+
+
+@pytest.mark.parametrize("make", [lambda: diffusion.Schedule(n_steps=10, vocab_size=6), replacing_schedule],
+                         ids=["released", "replacing"])
+def test_diffusion_posterior_and_its_kl_are_bayes_rule(make):
+    schedule, g = make(), torch.Generator().manual_seed(1)
+    log_p = (3 * torch.randn(3, 4, 6, generator=g)).log_softmax(-1)  # a model's x0 prediction
+    x0 = torch.tensor([2, 3, 1, 0])
+    x_t = torch.tensor([2, 6, 4, 0])  # x0 kept, [MASK], replaced, kept
     for s, t in ((0, 3), (3, 7), (6, 7)):
-        posterior = schedule.posterior(x0_probs, x_t, torch.tensor([s]), torch.tensor([t]))[0].double()
-        before, step, after = (transition_matrix(schedule, *st) for st in ((0, s), (s, t), (0, t)))
-        for n, observed in enumerate(x_t[0].tolist()):
-            # sum over x0 of p(x0) q(x_s | x0) q(x_t | x_s) / q(x_t | x0), by brute force
-            bayes = sum(x0_probs[0, n, i].double() * before[i] * step[:, observed] / after[i, observed]
-                        for i in range(6))
-            assert torch.allclose(posterior[n], bayes / bayes.sum(), atol=1e-6), (s, t, n)
-    # At s = 0 the reverse step is the x0 prediction itself, with nothing masked.
-    at_zero = schedule.posterior(x0_probs, x_t, torch.tensor([0]), torch.tensor([4]))[0]
-    assert torch.allclose(at_zero[:, :6], x0_probs[0], atol=1e-6) and at_zero[:, 6].max() == 0
+        st = torch.tensor([s]), torch.tensor([t])
+        truth = bayes_reverse(schedule, torch.nn.functional.one_hot(x0, 6), x_t, s, t)  # (4, 7)
+        from_mask, own, observed, uniform = (v[0].double() for v in schedule.posterior(x0[None], x_t[None], *st))
+        by_parts = uniform[:, None].expand(4, 6) / 6 + torch.nn.functional.one_hot(x0, 6) * own[:, None]
+        by_parts = by_parts + torch.nn.functional.one_hot(x_t.clamp(max=5), 6) * observed[:, None]
+        assert torch.allclose(torch.cat([by_parts, from_mask[:, None]], 1), truth, atol=1e-6), (s, t)
+        if s == 0:  # the NLL's step, whose replacement term is 0 (b_0 = 0)
+            continue
+        # The bound's term without dense posteriors equals the KL of the dense ones, at each of 3 predictions.
+        for p in log_p:
+            model = bayes_reverse(schedule, p.exp(), x_t, s, t)
+            dense = (torch.xlogy(truth, truth) - torch.xlogy(truth, model)).sum(1)
+            fast = schedule.posterior_kl(p[None], x0[None], x_t[None], *st)[0]
+            assert torch.allclose(fast.double(), dense, rtol=1e-4, atol=1e-6), (s, t, fast, dense)
+    # draw_posterior draws from it: frequencies over 100,000 copies of the 4 positions.
+    n, (s, t) = 100_000, (torch.full((100_000,), 3), torch.full((100_000,), 7))
+    drawn = schedule.draw_posterior(x0.repeat(n, 1), x_t.repeat(n, 1), s, t, torch.Generator().manual_seed(0))
+    freq = torch.stack([torch.bincount(drawn[:, i], minlength=7) for i in range(4)]).double() / n
+    assert torch.allclose(freq, bayes_reverse(schedule, torch.nn.functional.one_hot(x0, 6), x_t, 3, 7), atol=5e-3)
 
 
 def test_diffusion_loss_is_finite_and_falls_on_a_tiny_overfit():
@@ -1117,6 +1146,22 @@ def test_diffusion_loss_is_finite_and_falls_on_a_tiny_overfit():
     # The model now denoises its 4 grids: sampled from all-[MASK] with its condition, most tokens come back.
     sampled = model.eval().sample(emb, temperature=0, generator=torch.Generator().manual_seed(0))
     assert (sampled == x0).float().mean() > 0.9
+
+
+def test_diffusion_sampler_never_redraws_a_token_it_has_drawn():
+    """Issue 26's speckles: the reverse step averages q(x_s | x_t, x0) over the predicted x0, so where the
+    prediction doubts a token already drawn, that token was drawn again, as if it were noise (the schedule
+    replaces one token in a million). An untrained network doubts them all; with the evidence of x_t added
+    (Schedule.add_evidence) none is redrawn, and the steps' grids only ever gain tokens."""
+    model = tiny_diffusion().eval()
+    fed = []
+    model.register_forward_pre_hook(lambda module, args: fed.append(args[1].clone()))
+    final = model.sample(torch.randn(4, 8), generator=torch.Generator().manual_seed(0))
+    grids = fed + [final]  # the grid fed to each of the 10 steps, then the sample
+    assert len(grids) == 11 and (grids[-1] < 6).all()
+    for before, after in zip(grids, grids[1:]):
+        drawn = before < 6
+        assert torch.equal(after[drawn], before[drawn]) and drawn.sum() <= (after < 6).sum()
 
 
 @pytest.mark.parametrize("steps", [1, 3, 10])
@@ -1162,9 +1207,9 @@ def test_diffusion_guidance_1_is_the_conditional_sampler():
     for t, s in ((10, 8), (8, 5), (5, 2), (2, 0)):
         with torch.no_grad():
             c, u = model(torch.cat([emb, emb]), torch.cat([x, x]), torch.full((4,), t), drop).log_softmax(-1).chunk(2)
-        x0 = torch.nn.functional.one_hot((u + 1.0 * (c - u)).argmax(-1), 6).float()
-        probs = model.schedule.posterior(x0, x, torch.full((2,), s), torch.full((2,), t))
-        x = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(2, 16)
+        x0 = torch.multinomial(torch.nn.functional.one_hot((u + 1.0 * (c - u)).argmax(-1), 6).flatten(0, 1).float(),
+                               1, generator=g).view(2, 16)  # temperature 0: the argmax, with the sampler's draw
+        x = model.schedule.draw_posterior(x0, x, torch.full((2,), s), torch.full((2,), t), g)
     assert torch.equal(x, unguided)
     guided = model.sample(emb, temperature=0, steps=4, guidance=5.0, generator=torch.Generator().manual_seed(3))
     assert not torch.equal(guided, unguided)  # guidance does something
@@ -2428,7 +2473,7 @@ def test_diagnose_command_appends_each_row_once_per_guidance(tmp_path, monkeypat
     """A grid stopped and started again measures nothing twice, and rows at another guidance are new rows."""
     calls = []
 
-    def stub_diagnose(gen, world, n, keep, seeds, conditions, guidance):
+    def stub_diagnose(gen, world, n, keep, seeds, conditions, guidance, diffusion_steps):
         calls.append((guidance, *conditions))
         return {f"{c}, all": {"seen": guidance / 10} for c in conditions}
     monkeypatch.setattr(clipgen.CLIPGen, "from_checkpoint", staticmethod(lambda *a, **k: untrained_toy_generator()))
@@ -2447,6 +2492,8 @@ def test_diagnose_command_appends_each_row_once_per_guidance(tmp_path, monkeypat
     # --parts later: only the prompts in parts are measured, the rows already there are kept.
     toyworld.main(["diagnose", "--run", str(tmp_path), "--out", str(out), "--last", "--guidance", "1", "--parts"])
     assert calls[2:] == [(1.0, "parts")] and json.loads(out.read_text().splitlines()[-1])["row"] == "parts, all"
+    with pytest.raises(SystemExit, match="--diffusion-steps 5: the number of diffusion steps"):  # a GPT prior
+        toyworld.main(["diagnose", "--run", str(tmp_path), "--out", str(out), "--last", "--diffusion-steps", "5"])
 
 
 def test_condition_geometry_sees_the_conditions_as_the_prior_does():

@@ -497,6 +497,8 @@ def main(argv=None):
     s.add_argument("--seeds", type=int, default=1, help="sampling seeds 0..SEEDS-1")
     s.add_argument("--last", action="store_true", help="only the newest prior checkpoint (prior.pt)")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (kept in each row)")
+    s.add_argument("--diffusion-steps", type=int, default=None,
+                   help="reverse steps of a diffusion prior (default: all it was trained with; kept in each row)")
     s.add_argument("--parts", action="store_true", help="also condition on each prompt in parts, 'colour AND "
                                                         "value' (composable guidance): rows 'parts, ...'")
     for s in sub.choices.values():
@@ -505,7 +507,7 @@ def main(argv=None):
     world = WORLDS[args.world]
     if args.command in ("eval", "diagnose") and args.seeds < 1:
         p.error(f"--seeds {args.seeds}: give at least 1")
-    if args.command == "eval" and args.diffusion_steps is not None and args.diffusion_steps < 1:
+    if args.command in ("eval", "diagnose") and args.diffusion_steps is not None and args.diffusion_steps < 1:
         p.error(f"--diffusion-steps {args.diffusion_steps}: give at least 1")
     if args.command == "images":
         if os.path.isdir(args.out) and os.listdir(args.out):
@@ -544,7 +546,8 @@ def diagnose_command(args, world):
     done = set()
     if os.path.exists(args.out):
         with open(args.out) as f:
-            done = {(r["run"], r["step"], r["row"], r.get("guidance", 1.0)) for r in map(json.loads, f)}
+            done = {(r["run"], r["step"], r["row"], r.get("guidance", 1.0), r.get("diffusion_steps"))
+                    for r in map(json.loads, f)}
     run = os.path.abspath(args.run)
     folder = os.path.join(args.run, "checkpoints")
     priors = [os.path.join(args.run, "prior.pt")] if args.last else \
@@ -553,23 +556,28 @@ def diagnose_command(args, world):
     def append(step, row, values):
         with open(args.out, "a") as f:
             f.write(json.dumps({"run": run, "world": world.name, "step": step, "row": row, "n": args.n,
-                                "keep": args.keep, "seeds": args.seeds, "guidance": args.guidance, **values}) + "\n")
+                                "keep": args.keep, "seeds": args.seeds, "guidance": args.guidance,
+                                "diffusion_steps": args.diffusion_steps, **values}) + "\n")
         print(f"{os.path.basename(run)} step {step} {row}: {values}", flush=True)
 
     for path in priors:
         gen = clipgen.CLIPGen.from_checkpoint((os.path.join(args.run, "vqgan.pt"), path), device="cpu")
         step = data.load_checkpoint(path, "prior")["step"]
+        try:
+            gen.check_diffusion_steps(args.diffusion_steps)
+        except ValueError as e:  # a GPT prior, or more steps than it was trained with
+            sys.exit(f"error: --diffusion-steps {args.diffusion_steps}: {e}")
         # Once per run: the tokenizer's ceiling, and where the prompts' conditions lie (the same at every step).
         for row, measure in (("reconstructions", lambda: reconstruction_report(gen.vqgan, world=world)),
                              ("conditions", lambda: condition_geometry(gen, world))):
-            if (run, 0, row, args.guidance) not in done:
+            if (run, 0, row, args.guidance, args.diffusion_steps) not in done:
                 append(0, row, measure())
-                done.add((run, 0, row, args.guidance))
+                done.add((run, 0, row, args.guidance, args.diffusion_steps))
         conditions = ("image", "text") + ("parts",) * args.parts
-        todo = [c for c in conditions if (run, step, f"{c}, all", args.guidance) not in done]
+        todo = [c for c in conditions if (run, step, f"{c}, all", args.guidance, args.diffusion_steps) not in done]
         if todo:
             for row, values in diagnose(gen, world, n=args.n, keep=args.keep, seeds=args.seeds, conditions=todo,
-                                        guidance=args.guidance).items():
+                                        guidance=args.guidance, diffusion_steps=args.diffusion_steps).items():
                 append(step, row, values)
 
 
