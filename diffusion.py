@@ -83,31 +83,24 @@ class Schedule(nn.Module):
         return torch.where(masked, self.K, torch.where(replaced, codes, x0))
 
     def add_evidence(self, logits, x_t, t):
-        """Bayes' rule for the x0 prediction: log p(x0 | x_t) = the network's logits + log q(x_t | x0) + a
-        constant. logits (B, N, K), x_t (B, N), t (B,) -> (B, N, K). Where x_t is [MASK], q(x_t | x0) is the
-        same for every x0 and nothing changes; where it is a code j, x0 = j is 1 + alpha_bar_t / beta_bar_t
-        times likelier than any other (about 1e8 with the released schedule, which replaces 1e-6 of tokens).
-        A network trained for minutes is far less sure of the tokens it can see, and the reverse step trusts
-        it: each step re-drew the unmasked tokens it doubted, the last step every one, as if they were noise
-        (the speckles of RESULTS.md 1.6). With the evidence a drawn token stays drawn."""
+        """Bayes' rule for the x0 prediction: logits (B, N, K) + log q(x_t | x0), x_t (B, N), t (B,). Where x_t
+        is a code j, x0 = j is 1 + alpha_bar_t / beta_bar_t times likelier than any other x0 (the schedule
+        replaces 1e-6 of tokens); where it is [MASK], nothing changes. Without it the reverse step re-drew
+        every visible token the network doubted, as if it were noise: the speckles of RESULTS.md 1.6."""
         a_t, b_t, _ = (v.squeeze(2) for v in self.transition(torch.zeros_like(t), t))  # (B, 1) each
         boost = torch.where(x_t < self.K, torch.log1p(a_t / b_t), 0.0).to(logits.dtype)  # (B, N)
         # In place: the logits are the head's fresh output, which no backward needs.
         return logits.scatter_add_(-1, x_t.clamp(max=self.K - 1).unsqueeze(-1), boost.unsqueeze(-1))
 
     def posterior(self, x0, x_t, s, t):
-        """q(x_s | x_t, x0) for a known clean grid, in closed form: x0, x_t (B, N) tokens, s < t (B,) steps ->
-        four (B, N) probabilities, of the four ways x_s can come about: it is [MASK] (only where x_t is), it
-        is x0 (kept from step 0), it is the observed code x_t (replaced into it by step s), it is a uniformly
-        random code (which may land on either). Bayes: q(x_s | x_t, x0) = q(x_s | x0) q(x_t | x_s) / q(x_t |
-        x0), with the forward process's three kinds of transition taking each case a few scalars."""
+        """q(x_s | x_t, x0) = q(x_s | x0) q(x_t | x_s) / q(x_t | x0) for a known clean grid: x0, x_t (B, N),
+        s < t (B,) -> four (B, N) probabilities of the ways x_s comes about: [MASK] (only where x_t is), x0
+        kept, the observed code x_t (replaced into it by step s), or a uniformly random code."""
         a_s, b_s, c_s = (v.squeeze(2) for v in self.transition(torch.zeros_like(s), s))  # q(x_s | x0), (B, 1)
         a_t, b_t, c_t = (v.squeeze(2) for v in self.transition(torch.zeros_like(t), t))  # q(x_t | x0)
         keep, per_code, mask = (v.squeeze(2) for v in self.transition(s, t))  # q(x_t | x_s)
         is_mask, is_x0 = x_t == self.K, x_t == x0  # (B, N)
-        # q(x_t | x_s = x): from [MASK] 1 if x_t is [MASK]; from any code `mask` (x_t masked) or `per_code`,
-        # plus `keep` from the observed code itself. Its normaliser q(x_t | x0) likewise.
-        to_x_t = torch.where(is_mask, mask, per_code)  # (B, N), from a code other than x_t
+        to_x_t = torch.where(is_mask, mask, per_code)  # (B, N): q(x_t | x_s) from a code other than x_t
         evidence = torch.where(is_mask, c_t, b_t + a_t * is_x0)  # q(x_t | x0)
         from_mask = torch.where(is_mask, c_s, 0) / evidence
         own = a_s * (to_x_t + keep * is_x0) / evidence
@@ -116,22 +109,19 @@ class Schedule(nn.Module):
         return from_mask, own, observed, uniform
 
     def posterior_kl(self, log_p, x0, x_t, s, t):
-        """KL(q(x_s | x_t, x0) || p(x_s | x_t)) at every position, (B, N), from log_p (B, N, K), the model's
-        log-probabilities of x0, and the true x0, x_t (B, N), s < t (B,): the bound's term of VQ-Diffusion's
-        eq. 6. The model's reverse step is q(x_s | x_t, x0') averaged over its x0' (the reparameterisation of
-        eq. 11), p(x_s | x_t) = sum over x0' of p(x0' | x_t) q(x_s | x_t, x0'). Written out, it is the truth's
-        form with p in place of the one-hot x0, so the KL needs only one (B, N, K) sum of logs and a few gathers
-        and per-position scalars, never a (B, N, K + 1) posterior per side (RESULTS.md 2.1 has the speed)."""
+        """KL(q(x_s | x_t, x0) || p(x_s | x_t)), VQ-Diffusion's eq. 6, at every position (B, N): log_p (B, N, K)
+        the model's x0 log-probabilities, x0, x_t (B, N), s < t (B,). The model's step averages q(x_s | x_t, x0')
+        over its x0' (eq. 11), so it has the truth's form with p in place of the one-hot x0: one (B, N, K) sum
+        and a few gathers, never a (B, N, K + 1) posterior per side (RESULTS.md 2.1)."""
         K = self.K
         a_s, b_s, _ = (v.squeeze(2) for v in self.transition(torch.zeros_like(s), s))  # (B, 1) each
         a_t, b_t, c_t = (v.squeeze(2) for v in self.transition(torch.zeros_like(t), t))
         is_mask, j = x_t == K, x_t.clamp(max=K - 1)  # (B, N); j: the observed code where there is one
         from_mask, own, observed, uniform = self.posterior(x0, x_t, s, t)  # the truth
         tiny = 1e-30  # b_s is 0 at s = 0 (whose term is the NLL instead): keep its logs finite
-        # The model, per code x: p(x_s = x | x_t) = q(x_t | x_s = x) exp(L_x), with
-        # L_x = log(a_s p_x / q(x_t | x0 = x) + b_s sum_i p_i / q(x_t | x0 = i)); q(x_t | x0 = x) is c_t or b_t
-        # for every x but the observed code j, a_t + b_t there. As log(u + v) = log v + softplus(log u - log v),
-        # L_x = log_uniform + softplus(log p_x + shift): one pass over (B, N, K) for its sum, gathers for the rest.
+        # The model, per code x: p(x_s = x | x_t) = q(x_t | x_s = x) exp(L_x), with L_x = log(a_s p_x /
+        # q(x_t | x0 = x) + b_s sum_i p_i / q(x_t | x0 = i)) = log_uniform + softplus(log p_x + shift), where
+        # q(x_t | x0 = x) is c_t or b_t except at the observed code j (a_t + b_t).
         lp_j, lp_k = log_p.gather(-1, torch.stack([j, x0], -1)).unbind(-1)  # (B, N) each; one gather, one backward
         log_sum = torch.where(is_mask, -c_t.log(), torch.logaddexp(
             (-torch.expm1(lp_j)).clamp_min(tiny).log() - b_t.log(), lp_j - (a_t + b_t).log()))
@@ -141,8 +131,8 @@ class Schedule(nn.Module):
         L_j = torch.where(is_mask, L_common(lp_j), log_uniform + F.softplus(lp_j + shift + (b_t / (a_t + b_t)).log()))
         L_k = torch.where(~is_mask & (x0 == j), L_j, L_common(lp_k))
         L_sum = K * log_uniform + F.softplus(log_p + shift.unsqueeze(-1)).sum(-1) - L_common(lp_j) + L_j  # (B, N)
-        # The truth per code: x0 (k) gets t_k, the observed code (if not k) t_j, every other code t_o; [MASK]
-        # has the same mass on both sides (it only depends on x0 through sum_i p_i = 1), so it drops out.
+        # The truth: t_k on x0, t_o on each other code, t_j more on the observed one; [MASK] has the same mass
+        # on both sides (it depends on x0 only through sum_i p_i = 1) and drops out.
         t_o = uniform / K
         t_k = own + t_o + observed * (x0 == x_t)
         t_j = torch.where(x0 == x_t, 0, observed)  # the mass above t_o at j, where j is not k
@@ -153,8 +143,8 @@ class Schedule(nn.Module):
         return t_k * (log_k - L_k) + others * log_b - (t_o * (L_sum - L_k) + t_j * L_j)
 
     def draw_posterior(self, x0, x_t, s, t, generator=None):
-        """x_s ~ q(x_s | x_t, x0): x0, x_t (B, N) tokens, s < t (B,) -> (B, N) tokens. One uniform picks which
-        of posterior()'s four ways x_s came about; a second draw is the random code of the fourth."""
+        """x_s ~ q(x_s | x_t, x0): x0, x_t (B, N), s < t (B,) -> (B, N) tokens; one uniform picks which of
+        posterior()'s four ways, a second draw is the random code."""
         from_mask, own, observed, _ = self.posterior(x0, x_t, s, t)  # (B, N) each
         u = torch.rand(x0.shape, generator=generator, device=x0.device)
         random_code = torch.randint(self.K, x0.shape, generator=generator, device=x0.device)

@@ -2361,7 +2361,8 @@ def test_sample_uses_the_bundled_model_only_while_out_holds_no_run(trained_run, 
 def test_bundle_writes_fp16_weights_that_load_without_a_vqgan_mismatch(trained_run, tmp_path):
     toyworld.bundle_run(trained_run / "out", tmp_path / "b")
     for name, kind in (("vqgan.pt", "vqgan"), ("prior.pt", "prior")):
-        full, small = (data.load_checkpoint(folder / name, kind)["model"] for folder in (trained_run / "out", tmp_path / "b"))
+        full, small = (data.load_checkpoint(folder / name, kind)["model"]
+                       for folder in (trained_run / "out", tmp_path / "b"))
         assert all(small[k].dtype == torch.float16 and torch.equal(small[k], v.half())
                    for k, v in full.items() if v.is_floating_point())
         assert os.path.getsize(tmp_path / "b" / name) < os.path.getsize(trained_run / "out" / name) / 2
