@@ -116,7 +116,7 @@ class Schedule(nn.Module):
         K = self.K
         a_s, b_s, _ = (v.squeeze(2) for v in self.transition(torch.zeros_like(s), s))  # (B, 1) each
         a_t, b_t, c_t = (v.squeeze(2) for v in self.transition(torch.zeros_like(t), t))
-        is_mask, j = x_t == K, x_t.clamp(max=K - 1)  # (B, N); j: the observed code where there is one
+        is_mask, is_x0, j = x_t == K, x_t == x0, x_t.clamp(max=K - 1)  # (B, N); j: the observed code, if any
         from_mask, own, observed, uniform = self.posterior(x0, x_t, s, t)  # the truth
         tiny = 1e-30  # b_s is 0 at s = 0 (whose term is the NLL instead): keep its logs finite
         # The model, per code x: p(x_s = x | x_t) = q(x_t | x_s = x) exp(L_x), with L_x = log(a_s p_x /
@@ -129,15 +129,15 @@ class Schedule(nn.Module):
         shift = a_s.log() - torch.where(is_mask, c_t, b_t).log() - log_uniform  # (B, N)
         L_common = lambda lp: log_uniform + F.softplus(lp + shift)  # L_x as if x were not j
         L_j = torch.where(is_mask, L_common(lp_j), log_uniform + F.softplus(lp_j + shift + (b_t / (a_t + b_t)).log()))
-        L_k = torch.where(~is_mask & (x0 == j), L_j, L_common(lp_k))
+        L_k = torch.where(is_x0, L_j, L_common(lp_k))
         L_sum = K * log_uniform + F.softplus(log_p + shift.unsqueeze(-1)).sum(-1) - L_common(lp_j) + L_j  # (B, N)
         # The truth: t_k on x0, t_o on each other code, t_j more on the observed one; [MASK] has the same mass
         # on both sides (it depends on x0 only through sum_i p_i = 1) and drops out.
         t_o = uniform / K
-        t_k = own + t_o + observed * (x0 == x_t)
-        t_j = torch.where(x0 == x_t, 0, observed)  # the mass above t_o at j, where j is not k
+        t_k = own + t_o + observed * is_x0
+        t_j = torch.where(is_x0, 0, observed)  # the mass above t_o at j, where j is not k
         # Both sides share q(x_t | x_s = x), so log(truth / model) = log(q(x_s = x | x0) / q(x_t | x0)) - L_x.
-        log_evidence = torch.where(is_mask, c_t, b_t + a_t * (x0 == x_t)).log()  # log q(x_t | x0)
+        log_evidence = torch.where(is_mask, c_t, b_t + a_t * is_x0).log()  # log q(x_t | x0)
         log_b, log_k = b_s.clamp_min(tiny).log() - log_evidence, (a_s + b_s).log() - log_evidence
         others = (K - 1) * t_o + t_j  # truth mass on codes other than k
         return t_k * (log_k - L_k) + others * log_b - (t_o * (L_sum - L_k) + t_j * L_j)
@@ -255,9 +255,9 @@ def diffusion_loss(logits, x0, x_t, t, schedule, aux_weight):
     -> (loss, vlb, aux), scalars; every term is in nats per token.
 
     logits (B, N, K) of x0 from forward(condition, x_t, t); x0 (B, N) the true tokens; t (B,) steps in 1..T.
-    The bound's term at step t > 1 is KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)), both from
-    Schedule.posterior_kl; at t = 1 it is -log p(x0 | x_1). With t drawn
-    uniformly, their mean estimates the bound up to the factor T (VQ-Diffusion draws t by importance instead).
+    The bound's term at step t > 1 is KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) (Schedule.posterior_kl);
+    at t = 1 it is -log p(x0 | x_1). With t drawn uniformly, their mean estimates the bound up to the factor T
+    (VQ-Diffusion draws t by importance instead).
     The auxiliary loss is the cross-entropy of the x0 prediction itself, weighted by 2 - t/T as in
     VQ-Diffusion's code: it gives the network a direct signal that the bound, which unmasks ~1/t of the
     masked tokens per step, dilutes."""
