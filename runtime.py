@@ -624,7 +624,7 @@ def refuse_changed_run(ckpt, ckpt_path, config, prior_type, preset, seed, global
 
 def refuse_other_clip(saved_args, ckpt_path, name, sha):
     """Exit, naming both, if the checkpoint's run was begun with another CLIP than --clip `name` (SHA-256
-    `sha`). Runs from before CLIPs were recorded, and stage-1 runs that name none, pass."""
+    `sha`). Runs from before CLIPs were recorded, stage-1 runs that name none, and bundled VQGANs (no args) pass."""
     saved_name, saved_sha = saved_args.get("clip"), saved_args.get("clip_sha256")
     if sha is not None and saved_sha is not None and saved_sha != sha:
         fail(f"--clip {name} (SHA-256 {sha[:12]}...) is not the CLIP {ckpt_path} was trained with, --clip "

@@ -2371,6 +2371,13 @@ def test_bundle_writes_fp16_weights_that_load_without_a_vqgan_mismatch(trained_r
         gen = clipgen.CLIPGen.from_checkpoint(str(tmp_path / "b"), clip=data.load_checkpoint(
             trained_run / "out" / "prior.pt", "prior")["clip"])
     assert len(gen.generate(["a red square"], n=2, keep=1)[0]) == 1
+    # A bundled VQGAN keeps no run arguments; a new prior trains on it (it was a KeyError traceback).
+    (tmp_path / "c").mkdir()
+    shutil.copy(tmp_path / "b" / "vqgan.pt", tmp_path / "c" / "vqgan.pt")
+    clip = data.load_checkpoint(trained_run / "out" / "prior.pt", "prior")["clip"]
+    train.main(["--data", str(trained_run / "imgs"), "--out", str(tmp_path / "c"), "--preset", "tiny", "--stage",
+                "prior", "--prior-steps", "1", "--warmup", "1", "--batch-size", "4", "--workers", "0", "--clip", clip])
+    assert data.load_checkpoint(tmp_path / "c" / "prior.pt", "prior")["step"] == 1
 
 
 class ChannelSwap(torch.nn.Module):

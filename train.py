@@ -435,7 +435,7 @@ def frozen_models(args, proc):
     vq.requires_grad_(False)
     # A run begun with --stage all named its CLIP: stage 2 keeps it unless told to start the prior afresh.
     if not args.overwrite:
-        runtime.refuse_other_clip(vq_ckpt["args"], vqgan_path, args.clip, args.clip_sha256)
+        runtime.refuse_other_clip(vq_ckpt.get("args", {}), vqgan_path, args.clip, args.clip_sha256)
     # The token grid is the VQGAN's: its image size decides it, whatever the preset says.
     if args.image_size not in (None, vq.cfg.image_size):
         fail(f"--image-size {args.image_size} but {vqgan_path} was trained at {vq.cfg.image_size} px; stage 2 "
