@@ -2368,16 +2368,20 @@ def test_bundle_writes_fp16_weights_that_load_without_a_vqgan_mismatch(trained_r
         assert os.path.getsize(tmp_path / "b" / name) < os.path.getsize(trained_run / "out" / name) / 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        gen = clipgen.CLIPGen.from_checkpoint(str(tmp_path / "b"), clip=data.load_checkpoint(
-            trained_run / "out" / "prior.pt", "prior")["clip"])
+        clip = data.load_checkpoint(trained_run / "out" / "prior.pt", "prior")["clip"]
+        gen = clipgen.CLIPGen.from_checkpoint(str(tmp_path / "b"), clip=clip)
     assert len(gen.generate(["a red square"], n=2, keep=1)[0]) == 1
-    # A bundled VQGAN keeps no run arguments; a new prior trains on it (it was a KeyError traceback).
+    # A bundled VQGAN keeps no run arguments: a new prior trains on it (it was a KeyError traceback), and a
+    # resume of either stage is refused in one line (stage 1's was a KeyError too).
     (tmp_path / "c").mkdir()
     shutil.copy(tmp_path / "b" / "vqgan.pt", tmp_path / "c" / "vqgan.pt")
-    clip = data.load_checkpoint(trained_run / "out" / "prior.pt", "prior")["clip"]
-    train.main(["--data", str(trained_run / "imgs"), "--out", str(tmp_path / "c"), "--preset", "tiny", "--stage",
-                "prior", "--prior-steps", "1", "--warmup", "1", "--batch-size", "4", "--workers", "0", "--clip", clip])
+    args = ["--data", str(trained_run / "imgs"), "--preset", "tiny", "--prior-steps", "1", "--warmup", "1",
+            "--batch-size", "4", "--workers", "0", "--clip", clip]
+    train.main([*args, "--out", str(tmp_path / "c"), "--stage", "prior"])
     assert data.load_checkpoint(tmp_path / "c" / "prior.pt", "prior")["step"] == 1
+    for stage in ("vqgan", "prior"):
+        with pytest.raises(SystemExit, match=r"b/(vqgan|prior).pt holds weights only .* can not be resumed"):
+            train.main([*args, "--out", str(tmp_path / "b"), "--stage", stage, "--resume"])
 
 
 class ChannelSwap(torch.nn.Module):
