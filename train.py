@@ -232,7 +232,7 @@ def resume_point(args, kind, cfg, batch, proc, vqgan_sha256=None):
     ckpt, path = runtime.latest_checkpoint(args.out, kind, proc) if args.resume else (None, None)
     if ckpt is None:
         return None, None, cfg, 0
-    if ("opt_g" if kind == "vqgan" else "optimizer") not in ckpt:  # toyworld.py bundle keeps the weights alone
+    if "rng" not in ckpt:  # toyworld.py bundle keeps the weights, not the random states every resume restores
         fail(f"{path} holds weights only (a bundled model, as toymodel/): it can not be resumed. Train a new prior "
              f"on its VQGAN in another --out holding a copy of that vqgan.pt, with --stage prior")
     if proc.master:
