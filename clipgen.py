@@ -54,6 +54,7 @@ class Preset:
     perceptual: str  # "vgg" or "none"
     remove_mean: bool  # project the training images' mean embedding out of every condition (prior.without_mean)
     hue_copies: int  # stage 2 also trains on this many hue-rotated copies of every image (runtime.hue_copies_of)
+    aux_loss_weight: float  # lambda of the diffusion prior's auxiliary x0 loss (diffusion.diffusion_loss)
 
 
 RECIPE_FIELDS = [f.name for f in fields(Preset) if f.name not in ("vqgan", "prior", "diffusion")]
@@ -62,7 +63,8 @@ PRESETS = {
     # CLIP-GEN's sizes (256 px, 16x16 tokens of 16,384 codes, a 24-layer GPT) with taming's recipe; a GPU job.
     "paper": Preset(vqgan.VQGANConfig(), prior.PriorConfig(), diffusion.DiffusionConfig(),
                     batch_size=8, vqgan_steps=100_000, vqgan_lr=1e-4, disc_start=10_000, prior_steps=100_000,
-                    prior_lr=3e-4, perceptual="vgg", remove_mean=False, hue_copies=0),
+                    prior_lr=3e-4, perceptual="vgg", remove_mean=False, hue_copies=0,
+                    aux_loss_weight=diffusion.AUX_LOSS_WEIGHT),
     # 64 px for a CPU or a small GPU, both stages in about 30 minutes on 2 cores (the toy worlds, RESULTS.md).
     # A downsampling of 4 (16x16 tokens): an 8x8 grid draws the letters' shapes better, but its tokenizer loses
     # the textures' fine patterns, from 32-px images or with one more halving (RESULTS.md 1b.25). No attention
@@ -72,14 +74,16 @@ PRESETS = {
     # copy of every image: the held-out combinations are drawn far more often on both worlds, at some cost to
     # the letters' seen ones; more copies cost the letters' colours. A peak learning rate of 2e-3 for the prior:
     # at 2,500 steps it fits the tokens better, and the textures' held-out combinations are drawn more often
-    # without costing the letters (RESULTS.md 1b.28; the diffusion prior shares it, not measured there).
+    # without costing the letters (RESULTS.md 1b.28; the diffusion prior shares it, not measured there). The
+    # diffusion prior's auxiliary loss at weight 1, not VQ-Diffusion's 5e-4: at 2,500 steps the bound alone
+    # barely trains the clean-grid prediction at high t, where the layout is chosen (RESULTS.md 1.6).
     "small": Preset(vqgan.VQGANConfig(image_size=64, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
                                       attn_resolutions=(), mid_attention=False, z_channels=64, codebook_size=256,
                                       codebook_dim=16, dead_code_steps=100, disc_channels=32, disc_layers=2),
                     prior.PriorConfig(n_layer=4, n_head=4, n_embd=128),
                     diffusion.DiffusionConfig(n_layer=4, n_head=4, n_embd=128),
                     batch_size=16, vqgan_steps=1200, vqgan_lr=5e-4, disc_start=100_000, prior_steps=2500,
-                    prior_lr=2e-3, perceptual="none", remove_mean=True, hue_copies=1),
+                    prior_lr=2e-3, perceptual="none", remove_mean=True, hue_copies=1, aux_loss_weight=1.0),
     # For tests: 32 px, 8x8 tokens, a 128-entry codebook; taming's attention and CLIP-GEN's conditioning
     # kept, so the tests cover them.
     "tiny": Preset(vqgan.VQGANConfig(image_size=32, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
@@ -88,7 +92,7 @@ PRESETS = {
                    prior.PriorConfig(n_layer=2, n_head=2, n_embd=64),
                    diffusion.DiffusionConfig(n_layer=2, n_head=2, n_embd=64),
                    batch_size=8, vqgan_steps=2000, vqgan_lr=5e-4, disc_start=1000, prior_steps=2000, prior_lr=1e-3,
-                   perceptual="none", remove_mean=False, hue_copies=0),
+                   perceptual="none", remove_mean=False, hue_copies=0, aux_loss_weight=diffusion.AUX_LOSS_WEIGHT),
 }
 
 

@@ -41,7 +41,7 @@ class DiffusionConfig:
         return self.n_embd // self.n_head
 
 
-AUX_LOSS_WEIGHT = 5e-4  # lambda of the auxiliary x0 loss in VQ-Diffusion's released configs (train.py's default)
+AUX_LOSS_WEIGHT = 5e-4  # lambda of the auxiliary x0 loss in VQ-Diffusion's released configs (the paper preset's)
 
 class Schedule(nn.Module):
     """VQ-Diffusion's linear mask-and-replace schedule, and the two distributions everything else is built from.

@@ -138,8 +138,9 @@ def add_stage2_flags(g):
     # CLIP-GEN gives no lambda we could confirm; 0.1 keeps the loss (1 - cosine) below the cross-entropy's scale.
     g.add_argument("--embed-loss-weight", type=at_least(0.0), help="lambda of CLIP-GEN's embedding-reconstruction "
                                                                    "loss, GPT prior only (default: 0.1; 0: off)")
-    g.add_argument("--aux-loss-weight", type=at_least(0.0), default=diffusion.AUX_LOSS_WEIGHT,
-                   help="lambda of VQ-Diffusion's auxiliary x0 cross-entropy, diffusion prior only")
+    g.add_argument("--aux-loss-weight", type=at_least(0.0),
+                   help=recipe_help("lambda of VQ-Diffusion's auxiliary x0 cross-entropy, diffusion prior only",
+                                    "aux_loss_weight"))
     # The embedding loss decodes images and runs CLIP with their backward passes, several GPT steps' worth:
     # every few steps, on a few images, keeps its signal at a fraction of the cost.
     g.add_argument("--embed-loss-every", type=at_least(1), default=4, help="compute the embedding loss every k steps")
@@ -173,6 +174,9 @@ def parse_args(argv=None):
     folder), all before anything expensive starts."""
     p = build_parser()
     args = p.parse_args(argv)
+    # Each prior has its own auxiliary loss and conditioning; asking for the other's is a mistake, not a no-op.
+    if args.prior == "ar" and args.aux_loss_weight is not None:
+        p.error("--aux-loss-weight weighs a loss of the diffusion prior; add --prior diffusion, or drop it")
     # A recipe flag left out means the preset's value, which is known only once --preset is.
     preset = PRESETS[args.preset]
     for name in RECIPE_FIELDS:
@@ -182,13 +186,10 @@ def parse_args(argv=None):
     args.workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
     args.embed_loss_weight = (0.1 if args.prior == "ar" else 0.0) if args.embed_loss_weight is None \
         else args.embed_loss_weight
-    # Each prior has its own auxiliary loss and conditioning; asking for the other's is a mistake, not a no-op.
     if args.prior == "diffusion" and args.embed_loss_weight > 0:
         p.error("--embed-loss-weight is CLIP-GEN's loss for the GPT prior; the diffusion prior does not use it")
     if args.prior == "diffusion" and args.embed_pred_weight > 0:
         p.error("--embed-pred-weight trains a head of the GPT prior; the diffusion prior has none")
-    if args.prior == "ar" and args.aux_loss_weight != diffusion.AUX_LOSS_WEIGHT:
-        p.error("--aux-loss-weight weighs a loss of the diffusion prior; add --prior diffusion, or drop it")
     if args.prior == "diffusion" and args.adaln:
         p.error("--adaln is an option of the GPT prior; the diffusion prior is always conditioned by adaLN")
     head_size = preset_prior(args).head_size
