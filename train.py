@@ -174,7 +174,7 @@ def parse_args(argv=None):
     folder), all before anything expensive starts."""
     p = build_parser()
     args = p.parse_args(argv)
-    # Each prior has its own auxiliary loss and conditioning; asking for the other's is a mistake, not a no-op.
+    # Before the recipe fills it in: only a --aux-loss-weight the user gave is a mistake on a GPT run.
     if args.prior == "ar" and args.aux_loss_weight is not None:
         p.error("--aux-loss-weight weighs a loss of the diffusion prior; add --prior diffusion, or drop it")
     # A recipe flag left out means the preset's value, which is known only once --preset is.
@@ -186,6 +186,7 @@ def parse_args(argv=None):
     args.workers = min(4, os.cpu_count() or 1) if args.workers is None else args.workers
     args.embed_loss_weight = (0.1 if args.prior == "ar" else 0.0) if args.embed_loss_weight is None \
         else args.embed_loss_weight
+    # Each prior has its own auxiliary loss and conditioning; asking for the other's is a mistake, not a no-op.
     if args.prior == "diffusion" and args.embed_loss_weight > 0:
         p.error("--embed-loss-weight is CLIP-GEN's loss for the GPT prior; the diffusion prior does not use it")
     if args.prior == "diffusion" and args.embed_pred_weight > 0:
