@@ -28,7 +28,7 @@ from torchvision.utils import save_image
 
 import data
 import runtime
-from clipgen import CANDIDATES, GUIDANCE, KEEP, TEMPERATURE, CLIPGen
+from clipgen import CANDIDATES, DIFFUSION_STEPS, GUIDANCE, KEEP, TEMPERATURE, CLIPGen
 
 
 def build_parser():
@@ -59,7 +59,7 @@ def build_parser():
                                                   f"or 1 for a prior trained with --cond-drop 0)")
     p.add_argument("--diffusion-steps", type=runtime.at_least(1),
                    help="reverse steps of a diffusion prior (train.py --prior diffusion): fewer are faster "
-                        "(default: all it was trained with)")
+                        f"(default: {DIFFUSION_STEPS}, or all it was trained with if fewer)")
     # A batch draws its random numbers together, so the batch size is part of what fixes the images.
     p.add_argument("--batch-size", type=runtime.at_least(1), default=32, help="sequences sampled at once")
     # Another CLIP of the same width embeds prompts in another space: allowed, but rarely what you want.

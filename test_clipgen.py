@@ -1440,7 +1440,8 @@ def test_sample_script_bad_input(trained_run, tmp_path, capsys, monkeypatch):
 
 def test_a_diffusion_run_samples_through_the_same_commands(scale_setup, tmp_path, capsys):
     """train.py --prior diffusion writes a prior.pt that says what it is: CLIPGen and sample.py load it with no
-    flag, --diffusion-steps picks the reverse steps, and more steps than trained are refused in one line."""
+    flag, --diffusion-steps picks the reverse steps (25 unasked), and more steps than trained are refused in
+    one line."""
     root, common = scale_setup
     out = tmp_path / "run"
     train.main([*common, "--vqgan-steps", "2", "--disc-start", "100", "--prior-steps", "2", "--batch-size", "4",
@@ -1449,6 +1450,12 @@ def test_a_diffusion_run_samples_through_the_same_commands(scale_setup, tmp_path
     assert isinstance(gen.prior, diffusion.DiffusionPrior) and not gen.prior.training
     with pytest.raises(ValueError, match="diffusion prior"):
         prior.from_checkpoint(data.load_checkpoint(out / "prior.pt", "prior"), out / "prior.pt")  # names the right one
+    # Unasked, it takes sample.py's 25 of the 100 steps trained, evenly spaced, as the sample.py default does.
+    visited = []
+    hook = gen.prior.register_forward_hook(lambda module, args, out: visited.append(args[2][0].item()))
+    gen.generate(["a red square"], n=2, keep=1, seed=4)
+    hook.remove()
+    assert visited == list(range(100, 0, -4))
     a = gen.generate(["a red square"], n=3, keep=2, seed=4, diffusion_steps=5)[0]
     b = gen.generate(["a red square"], n=3, keep=2, seed=4, diffusion_steps=5)[0]
     assert len(a) == 2 and [np.array(im).tolist() for im, _ in a] == [np.array(im).tolist() for im, _ in b]

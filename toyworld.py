@@ -483,7 +483,8 @@ def main(argv=None):
     s.add_argument("--top-k", type=int, default=None)
     s.add_argument("--top-p", type=float, default=None)
     s.add_argument("--diffusion-steps", type=int, default=None,
-                   help="reverse steps of a diffusion prior (default: all it was trained with)")
+                   help=f"reverse steps of a diffusion prior (default: sample.py's, "
+                        f"{clipgen.DIFFUSION_STEPS})")
     s.add_argument("--grid", default=None, help="also save the kept samples here as one PNG, a row per value")
     s = sub.add_parser("bundle", help="write a trained run as a small fp16 folder to ship (sample.py's toymodel/)")
     s.add_argument("--run", required=True, help="train.py's --out")
@@ -498,7 +499,8 @@ def main(argv=None):
     s.add_argument("--last", action="store_true", help="only the newest prior checkpoint (prior.pt)")
     s.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (kept in each row)")
     s.add_argument("--diffusion-steps", type=int, default=None,
-                   help="reverse steps of a diffusion prior (default: all it was trained with; kept in each row)")
+                   help=f"reverse steps of a diffusion prior (default: sample.py's, "
+                        f"{clipgen.DIFFUSION_STEPS}; kept in each row)")
     s.add_argument("--parts", action="store_true", help="also condition on each prompt in parts, 'colour AND "
                                                         "value' (composable guidance): rows 'parts, ...'")
     for s in sub.choices.values():
