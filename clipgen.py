@@ -176,8 +176,9 @@ class CLIPGen:
         decoded by the VQGAN, in batches of `batch_size`. Each condition gets its own generator seeded with
         `seed`, so a prompt's images depend on the prompt, seed, n and batch size, not on the other prompts
         sampled with it. diffusion_steps: the diffusion prior's reverse steps (default: DIFFUSION_STEPS, or all
-        it was trained with if fewer); the GPT writes one token per step and takes no such choice. guidance None: GUIDANCE where the
-        prior learned the null condition, else 1. temperature None: TEMPERATURE for the GPT, 1 for diffusion."""
+        it was trained with if fewer); the GPT writes one token per step and takes no such choice. guidance
+        None: GUIDANCE where the prior learned the null condition, else 1. temperature None: TEMPERATURE for
+        the GPT, 1 for diffusion."""
         self.check_diffusion_steps(diffusion_steps)
         is_diffusion = isinstance(self.prior, diffusion.DiffusionPrior)
         if diffusion_steps is None and is_diffusion:

@@ -1450,7 +1450,7 @@ def test_a_diffusion_run_samples_through_the_same_commands(scale_setup, tmp_path
     assert isinstance(gen.prior, diffusion.DiffusionPrior) and not gen.prior.training
     with pytest.raises(ValueError, match="diffusion prior"):
         prior.from_checkpoint(data.load_checkpoint(out / "prior.pt", "prior"), out / "prior.pt")  # names the right one
-    # Unasked, it takes sample.py's 25 of the 100 steps trained, evenly spaced, as the sample.py default does.
+    # Unasked, it takes 25 of the 100 steps trained (clipgen.DIFFUSION_STEPS), evenly spaced.
     visited = []
     hook = gen.prior.register_forward_hook(lambda module, args, out: visited.append(args[2][0].item()))
     gen.generate(["a red square"], n=2, keep=1, seed=4)
